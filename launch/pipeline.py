@@ -1,0 +1,19 @@
+"""The whole method in one process: meta -> incubate K -> assemble + fine-tune -> E2E -> table.
+
+    python launch/pipeline.py recipes/demo-fmnist.yaml [a.b=c ...]
+Each phase still hands off through its shard set on disk; re-running skips finished phases.
+"""
+from modasm import cli, dist, phases
+from modasm.report import collect, table
+
+args, recipe = cli.parse(__doc__)
+
+
+def run():
+    info = dist.init()
+    phases.run_pipeline(recipe, info)
+    if info.is_main:
+        print("\n" + table(collect(recipe.run_dir)), flush=True)
+
+
+cli.main(run)

@@ -1,0 +1,43 @@
+"""What every entry point shares: arguments, recipe + overrides, process group, clean errors."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from .config import Recipe, describe, load_recipe
+
+
+def parse(description: str, add_args=None, argv=None) -> tuple[argparse.Namespace, Recipe]:
+    """Parse RECIPE [a.b=c ...] plus whatever ``add_args(parser)`` declares."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML (one file = one experiment)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. incubate.epochs=2 run.name=try2")
+    if add_args:
+        add_args(p)
+    p.add_argument("--help-recipe", action="store_true", help="list every recipe key with its default")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--help-recipe" in argv:
+        print("\n".join(describe()))
+        raise SystemExit(0)
+    args = p.parse_intermixed_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+    return args, recipe
+
+
+def main(run) -> None:
+    """Run ``run()`` with user mistakes turned into one clear line and exit code 2."""
+    from . import dist
+    from .train import request_stop
+    signal.signal(signal.SIGUSR1, request_stop)  # checkpoint and exit cleanly (preemption notice)
+    try:
+        run()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        dist.shutdown()
+        raise SystemExit(2)
+    dist.shutdown()

@@ -1,0 +1,240 @@
+"""Recipe schema: typed dataclasses, strict YAML loading, dotted overrides.
+
+A recipe is one YAML file = one experiment. Every key is declared here with its type and a help
+string; an unknown key (in the file or in an override such as ``incubate.epochs=2``) is an error
+that names the key and suggests the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a help string (the schema documents itself)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "Run name; every output lives under <out_dir>/<name>/<phase>/.")
+    out_dir: str = _f("runs", "Root directory of all runs (relative to the working directory).")
+    seed: int = _f(0, "Seed for initialisation, data order and augmentation.")
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = _f(768, "Token width of every block (same in meta, hybrid and target).")
+    num_heads: int = _f(12, "Attention heads per block.")
+    patch_size: int = _f(16, "Patch size in pixels.")
+    img_size: int = _f(224, "Input resolution (square).")
+    in_chans: int = _f(3, "Input channels.")
+    num_classes: int = _f(1000, "Classifier outputs.")
+    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim.")
+    qkv_bias: bool = _f(True, "Bias in the qkv projection (the paper's ViT-H/14 has none).")
+    norm_eps: float = _f(1e-6, "LayerNorm epsilon (the paper's ViT-H/14 uses 1e-5).")
+    split: list = _f([3, 3, 3, 3], "Depth of each of the K modules; the target depth is their sum.")
+
+    def __post_init__(self):
+        if not self.split or any((not isinstance(d, int)) or d < 1 for d in self.split):
+            raise ValueError(f"model.split must be a non-empty list of positive ints, got {self.split!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}")
+
+    @property
+    def K(self) -> int:
+        return len(self.split)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset).")
+    root: str = _f("/usr/share/datasets/fashion-mnist", "Directory holding the source's files.")
+    train_limit: int = _f(0, "Use only the first N training samples of a seeded permutation (0: all).")
+    eval_batch_size: int = _f(512, "Global batch size for evaluation.")
+    num_workers: int = _f(0, "DataLoader worker processes per rank.")
+
+    def __post_init__(self):
+        if self.source not in ("fashion-mnist",):
+            raise ValueError(f"data.source={self.source!r} is not known; valid: 'fashion-mnist'")
+
+
+@dataclass
+class PhaseConfig:
+    """Optimisation of one phase (meta, incubate, assemble = fine-tune, e2e)."""
+    epochs: int = _f(100, "Passes over the training data.")
+    batch_size: int = _f(2048, "Global batch per optimizer step (micro-batch x accum_steps x ranks).")
+    accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = _f(5e-4, "Peak learning rate per 512 images; the used lr is lr * batch_size / 512 (DeiT).")
+    min_lr: float = _f(1e-5, "Learning rate at the end of the cosine schedule.")
+    warmup_epochs: float = _f(20.0, "Linear warm-up length, stepped per optimizer step (not per epoch).")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms and embeddings).")
+    clip_grad: float = _f(0.0, "Clip the global gradient norm to this value (0: off).")
+    drop_path: float = _f(0.1, "Stochastic depth rate, linear over the trained model's depth.")
+    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
+    eval_every_epochs: int = _f(1, "Evaluate every N epochs (and always after the last).")
+    ckpt_every_steps: int = _f(0, "Save resume state every N optimizer steps (0: at epoch ends only).")
+    keep_ckpts: int = _f(2, "Resume checkpoints kept per phase (older complete ones are removed).")
+    log_every_steps: int = _f(20, "Print and log a training line every N optimizer steps.")
+
+    def __post_init__(self):
+        for k in ("epochs", "batch_size", "accum_steps", "eval_every_epochs", "keep_ckpts", "log_every_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage 0-3.")
+    precision: str = _f("fp32", "'fp32' or 'bf16' (DeepSpeed keeps fp32 master weights for bf16).")
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+
+def _phase(**overrides):
+    return field(default_factory=lambda: PhaseConfig(**overrides), metadata={"help": "phase optimisation"})
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    meta: PhaseConfig = _phase(epochs=300)
+    incubate: PhaseConfig = _phase(epochs=100)
+    assemble: PhaseConfig = _phase(epochs=100, warmup_epochs=0.0, clip_grad=1.0)
+    e2e: PhaseConfig = _phase(epochs=300)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PHASES = ("meta", "incubate", "assemble", "e2e")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _suggest(key: str, valid, prefix: str = "") -> str:
+    valid = [f"{prefix}.{v}" if prefix else v for v in valid]
+    key = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check (and gently coerce ints to floats) a YAML value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, list):
+        return value
+    if tp in (int, str, bool, float) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, where: str, base=None):
+    """Build ``cls`` from a mapping; keys not given keep ``base``'s values (or the defaults)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    base = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"unknown recipe key '{path}'{_suggest(key, fields, where)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path, getattr(base, key))
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where or 'recipe'}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value, source: str):
+    """Apply one override onto a nested dict, validating the path against the schema."""
+    parts = dotted.split(".")
+    cls = Recipe
+    node = tree
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            full = [f"{prefix}.{n}" if prefix else n for n in fields]
+            raise ValueError(f"unknown override key '{dotted}' ({source}){_suggest(dotted, full)}")
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ValueError(f"override '{dotted}' names a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ValueError(f"override '{dotted}': '{part}' is not a section")
+            node = node.setdefault(part, {})
+            cls = tp
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe file and apply ``a.b=c`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe file {path} does not exist")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like section.key=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw), "command line")
+    try:
+        return _build(Recipe, tree, "")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def recipe_from_dict(tree: dict) -> Recipe:
+    return _build(Recipe, tree, "")
+
+
+def describe(cls=Recipe, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, default and help (used by --help-recipe)."""
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        val = getattr(inst, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(val):
+            out += describe(type(val), name + ".")
+        else:
+            out.append(f"{name} = {val!r}  # {f.metadata.get('help', '')}")
+    return out

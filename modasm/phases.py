@@ -1,0 +1,137 @@
+"""The phases of the method, each a function of the recipe: meta, incubate(k), assemble, e2e.
+
+Each builds its model, reads what it needs from the previous phase's shard sets (verified before
+any training), runs the shared loop and writes its own shard set. Paths come from the recipe:
+``<out_dir>/<run>/meta``, ``…/incubate/module-XX``, ``…/assemble``, ``…/e2e``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import model as M
+from .config import Recipe
+from .data import build_datasets
+from .dist import DistInfo
+from .shards import load_modules, save_shards
+from .train import Job, finished, train
+
+
+def phase_dir(recipe: Recipe, phase: str, module: int | None = None) -> Path:
+    d = recipe.run_dir / phase
+    return d / f"module-{module:02d}" if module is not None else d
+
+
+def export_dir(recipe: Recipe, phase: str, module: int | None = None) -> Path:
+    return phase_dir(recipe, phase, module) / "export"
+
+
+def _exporter(recipe: Recipe, phase: str, layout: list[int], out: Path, only: int | None = None):
+    def export(model: torch.nn.Module, step: int, metrics: dict) -> None:
+        modules = M.split_modules(model, layout)
+        if only is not None:
+            modules = {only: modules[only]}
+        save_shards(out / "export", {m: {k: v.float() for k, v in s.items()} for m, s in modules.items()},
+                    model_cfg=recipe.model, layout=layout, phase=phase, step=step,
+                    recipe=recipe.to_dict(), metrics=metrics)
+    return export
+
+
+def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
+    return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
+               ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
+               eval_batch=recipe.data.eval_batch_size)
+
+
+def _seed(recipe: Recipe, salt: int) -> None:
+    # Same initial weights on every rank (DeepSpeed also broadcasts them) and across re-runs.
+    torch.manual_seed(recipe.run.seed * 7919 + salt)
+
+
+def run_meta(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    out = phase_dir(recipe, "meta")
+    if (done := finished(out, "meta", info)) is not None:
+        return done
+    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    _seed(recipe, 1)
+    model = M.build_meta(recipe.model, recipe.meta.drop_path).to(info.device)
+    layout = M.meta_layout(recipe.model.K)
+    return train(_job(recipe, "meta", "meta", out, model, _exporter(recipe, "meta", layout, out)), *data, info)
+
+
+def load_meta(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
+    modules, _ = load_modules(export_dir(recipe, "meta"), model_cfg=recipe.model,
+                              modules=list(range(recipe.model.K)), phase="meta")
+    return modules
+
+
+def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
+    K = recipe.model.K
+    if not 0 <= k < K:
+        raise ValueError(f"--module {k} is out of range: the recipe's split has K={K} modules (0..{K - 1})")
+    out = phase_dir(recipe, "incubate", k)
+    label = f"incubate[{k}]"
+    if (done := finished(out, label, info)) is not None:
+        return done
+    meta = load_meta(recipe)  # verified before anything trains
+    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    _seed(recipe, 100 + k)
+    model = M.build_hybrid(recipe.model, k, meta, recipe.incubate.drop_path).to(info.device)
+    layout = M.hybrid_layout(recipe.model.split, k)
+    return train(_job(recipe, label, "incubate", out, model,
+                      _exporter(recipe, "incubate", layout, out, only=k)), *data, info)
+
+
+def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
+    """All K incubated modules, each verified (hash, split, width, module index) before use."""
+    modules = {}
+    for k in range(recipe.model.K):
+        got, _ = load_modules(export_dir(recipe, "incubate", k), model_cfg=recipe.model, modules=[k],
+                              phase="incubate")
+        modules[k] = got[k]
+    return modules
+
+
+def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    out = phase_dir(recipe, "assemble")
+    if (done := finished(out, "assemble", info)) is not None:
+        return done
+    modules = load_incubated(recipe)
+    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    model = M.build_target(recipe.model, recipe.assemble.drop_path, modules).to(info.device)
+    return train(_job(recipe, "assemble", "assemble", out, model,
+                      _exporter(recipe, "assemble", recipe.model.split, out)), *data, info)
+
+
+def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    out = phase_dir(recipe, "e2e")
+    if (done := finished(out, "e2e", info)) is not None:
+        return done
+    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    _seed(recipe, 2)
+    model = M.build_target(recipe.model, recipe.e2e.drop_path).to(info.device)
+    return train(_job(recipe, "e2e", "e2e", out, model, _exporter(recipe, "e2e", recipe.model.split, out)),
+                 *data, info)
+
+
+def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) -> dict[int, dict]:
+    """Incubate one module (array mode) or all K in turn; returns metrics per module."""
+    todo = [module] if module is not None else list(range(recipe.model.K))
+    data = None
+    out = {}
+    for k in todo:
+        if finished(phase_dir(recipe, "incubate", k), f"incubate[{k}]", info) is None and data is None:
+            data = build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+        out[k] = run_incubate(recipe, k, info, data)
+    return out
+
+
+def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
+    """Every phase in order in one process (the demo); each still hands off through its shard set."""
+    data = build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    run_meta(recipe, info, data)
+    for k in range(recipe.model.K):
+        run_incubate(recipe, k, info, data)
+    run_assemble(recipe, info, data)
+    run_e2e(recipe, info, data)

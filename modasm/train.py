@@ -1,0 +1,186 @@
+"""The one training loop every phase uses: step, accumulate, clip, evaluate, checkpoint, resume.
+
+``train(job)`` trains ``job.model`` (whatever of it has ``requires_grad``) through a DeepSpeed
+engine, evaluates on the sharded validation set, saves resume state, and finally hands the trained
+model to ``job.export``. Re-running a finished job does nothing; re-running an interrupted one
+resumes from its newest complete checkpoint at the exact batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import engine as ds
+from .config import DeepSpeedConfig, PhaseConfig
+from .data import eval_loader, train_loader
+from .dist import DistInfo, all_reduce_sum, barrier
+from .metrics import MetricsLog, Throughput, fmt_eta
+from .shards import read_manifest
+
+_STOP = {"requested": False}
+
+
+def request_stop(*_):
+    """Ask the running loop to checkpoint and return at the next optimizer step (signal handler)."""
+    _STOP["requested"] = True
+
+
+@dataclass
+class Job:
+    label: str                 # e.g. "meta", "incubate[2]"
+    section: str               # the recipe section of its hyper-parameters
+    out: Path                  # runs/<run>/<phase>[/module-XX]
+    model: torch.nn.Module
+    cfg: PhaseConfig
+    ds: DeepSpeedConfig
+    export: Callable[[torch.nn.Module, int, dict], None]  # (trained model, step, metrics) -> shard set
+    seed: int
+    workers: int = 0
+    eval_batch: int = 512
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "ckpt"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.out / "export"
+
+
+@torch.no_grad()
+def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32) -> dict:
+    """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for x, y in loader:
+        x, y = x.to(info.device, dtype), y.to(info.device)
+        logits = model(x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += (top[:, 0] == y).sum().item()
+        sums[1] += (top == y[:, None]).any(1).sum().item()
+        sums[2] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums[3] += len(y)
+    all_reduce_sum(sums, info)
+    model.train(was_training)
+    n = sums[3].item()
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
+            "eval_loss": sums[2].item() / n, "eval_samples": int(n)}
+
+
+def finished(out: Path, label: str, info: DistInfo) -> dict | None:
+    """Metrics of a phase whose shard set is complete (and says so), else None."""
+    done = read_manifest(out / "export")
+    if done is None:
+        return None
+    if info.is_main:
+        print(f"[{label}] already complete at step {done['step']} ({out / 'export'}); nothing to do", flush=True)
+    return done["metrics"]
+
+
+def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
+    if (done := finished(job.out, job.label, info)) is not None:
+        return done
+    log = MetricsLog(job.out / "metrics.jsonl", job.label, enabled=info.is_main)
+
+    cfg = job.cfg
+    micro = ds.micro_batch(cfg, info.world, job.section)
+    loader = train_loader(train_ds, micro, info.rank, info.world, job.seed, job.workers)
+    micro_per_epoch = (len(train_ds) // info.world) // micro
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"{job.section}: {len(train_ds)} training samples give no full optimizer step of "
+                         f"{cfg.batch_size}; lower {job.section}.batch_size")
+    total = cfg.epochs * steps_per_epoch
+    eng, sched = ds.build_engine(job.model, cfg, job.ds, info, job.section, total, steps_per_epoch)
+    val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
+
+    state = {"step": 0, "device_seconds": 0.0, "last_eval": None}
+    client = ds.load_latest(eng, job.ckpt_dir)
+    if client is not None:
+        state.update({k: client[k] for k in state})
+        torch.set_rng_state(client["rng"])
+        log.say(f"resuming from step {state['step']}/{total} ({job.ckpt_dir / ds.tag(state['step'])})")
+    else:
+        torch.manual_seed(job.seed + 1000 * info.rank)
+        log.write("start", total_steps=total, steps_per_epoch=steps_per_epoch, world=info.world,
+                  micro_batch=micro, batch_size=cfg.batch_size,
+                  trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
+                  total_params=sum(p.numel() for p in job.model.parameters()))
+
+    def checkpoint():
+        ds.save(eng, job.ckpt_dir, state["step"], {**state, "rng": torch.get_rng_state()}, cfg.keep_ckpts, info)
+
+    meter = Throughput(total, state["step"])
+    t_mark = time.perf_counter()
+
+    def tick():  # fold wall time into the phase's cost: every rank's device time counts
+        nonlocal t_mark
+        now = time.perf_counter()
+        state["device_seconds"] += (now - t_mark) * info.world
+        t_mark = now
+
+    eng.train()
+    dtype = ds.input_dtype(eng)
+    while state["step"] < total:
+        epoch, in_epoch = divmod(state["step"], steps_per_epoch)
+        loader.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_steps * micro)
+        n_micro = (steps_per_epoch - in_epoch) * cfg.accum_steps
+        for i, (x, y) in enumerate(loader):
+            if i == n_micro:
+                break
+            x, y = x.to(info.device, dtype), y.to(info.device)
+            loss = F.cross_entropy(eng(x).float(), y, label_smoothing=cfg.label_smoothing)
+            eng.backward(loss)
+            boundary = eng.is_gradient_accumulation_boundary()
+            step_no = state["step"] + 1
+            gn = ds.grad_norm(eng) if boundary and step_no % cfg.log_every_steps == 0 and not eng.zero_optimization() and not eng.bfloat16_enabled() else None
+            lr = sched.get_last_lr()[0]
+            eng.step()
+            meter.add(len(y) * info.world)
+            if not boundary:
+                continue
+            state["step"] = step_no
+            if step_no % cfg.log_every_steps == 0 or step_no == total:
+                tick()
+                rate, eta = meter.window(step_no)
+                gn = gn if gn is not None else eng.get_global_grad_norm()
+                log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
+                          grad_norm=None if gn is None else float(gn),
+                          device_seconds=state["device_seconds"])
+                log.say(f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} "
+                        f"lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
+            if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
+                tick()
+                checkpoint()
+            if _STOP["requested"]:
+                tick()
+                checkpoint()
+                log.say(f"stop requested: saved step {step_no}; re-run the same command to resume")
+                return {"interrupted": True, "step": step_no}
+        epoch_done = state["step"] // steps_per_epoch
+        if epoch_done % cfg.eval_every_epochs == 0 or state["step"] == total:
+            metrics = evaluate(eng, val, info, dtype)
+            tick()
+            state["last_eval"] = {**metrics, "epoch": epoch_done, "step": state["step"]}
+            log.write("eval", step=state["step"], epoch=epoch_done, device_seconds=state["device_seconds"],
+                      **metrics)
+            log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
+        tick()
+        checkpoint()
+
+    final = {**(state["last_eval"] or {}), "device_seconds": state["device_seconds"],
+             "device_hours": state["device_seconds"] / 3600, "steps": total, "world": info.world}
+    with ds.full_params(eng):
+        if info.is_main:
+            job.export(eng.module, total, final)
+    barrier(info)
+    log.write("done", **final)
+    log.say(f"done: top-1 {final.get('top1', float('nan')):.2f}%, {final['device_hours'] * 3600:.0f} device-s; "
+            f"shards in {job.export_dir}")
+    return final
