@@ -61,6 +61,7 @@ class DataConfig:
     source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset).")
     root: str = _f("/usr/share/datasets/fashion-mnist", "Directory holding the source's files.")
     train_limit: int = _f(0, "Use only the first N training samples of a seeded permutation (0: all).")
+    eval_limit: int = _f(0, "Evaluate on only the first N validation samples (0: all; for quick tests).")
     eval_batch_size: int = _f(512, "Global batch size for evaluation.")
     num_workers: int = _f(0, "DataLoader worker processes per rank.")
 

@@ -127,6 +127,8 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[Dataset, 
     if cfg.source == "fashion-mnist":
         tr_x, tr_y = _subset(*load_fashion_mnist(cfg.root, "train"), cfg.train_limit, seed)
         te_x, te_y = load_fashion_mnist(cfg.root, "test")
+        if cfg.eval_limit:
+            te_x, te_y = te_x[:cfg.eval_limit], te_y[:cfg.eval_limit]
         return ImageTensorDataset(tr_x, tr_y, True, img_size), ImageTensorDataset(te_x, te_y, False, img_size)
     raise ValueError(f"data.source={cfg.source!r} is not known")
 
