@@ -57,7 +57,11 @@ def load_fashion_mnist(root: str | Path, split: str) -> tuple[torch.Tensor, torc
 
 
 class ImageTensorDataset(Dataset):
-    """In-memory grayscale images; train transform = 2-pixel-pad random crop + horizontal flip."""
+    """In-memory grayscale images; train transform = 2-pixel-pad random crop + horizontal flip.
+
+    Training indices come as ``(index, aug_seed)`` from TrainSampler: augmentation depends only on
+    (run seed, epoch, index), not on worker count, process RNG or where a resumed run restarted.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, img_size: int):
         self.images, self.labels, self.train, self.img_size = images, labels, train, img_size
@@ -65,13 +69,15 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        i, aug_seed = item if isinstance(item, tuple) else (item, None)
         x = self.images[i].float().div_(255.0).unsqueeze(0)  # [1, H, W]
-        if self.train:
+        if self.train and aug_seed is not None:
+            g = torch.Generator().manual_seed(aug_seed)
             x = torch.nn.functional.pad(x, (2, 2, 2, 2))
-            dy, dx = torch.randint(0, 5, (2,)).tolist()
+            dy, dx, flip = torch.randint(0, 5, (3,), generator=g).tolist()
             x = x[:, dy:dy + x.shape[1] - 4, dx:dx + x.shape[2] - 4]
-            if torch.rand(()) < 0.5:
+            if flip % 2:
                 x = x.flip(-1)
         if x.shape[-1] != self.img_size:
             x = torch.nn.functional.interpolate(x[None], size=self.img_size, mode="bilinear",
@@ -82,7 +88,8 @@ class ImageTensorDataset(Dataset):
 class TrainSampler(Sampler):
     """Seeded per-epoch permutation, dealt round-robin to ranks; every rank gets the same count.
 
-    ``start`` skips that many of this rank's samples (resume mid-epoch at the exact position).
+    Yields ``(index, aug_seed)``. ``start`` skips that many of this rank's samples (resume mid-epoch
+    at the exact position).
     """
 
     def __init__(self, n: int, rank: int, world: int, seed: int):
@@ -99,8 +106,9 @@ class TrainSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         per_rank = self.n // self.world
-        mine = perm[self.rank::self.world][:per_rank]
-        return iter(mine[self.start:].tolist())
+        mine = perm[self.rank::self.world][:per_rank][self.start:].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        return iter([(i, base + i) for i in mine])
 
 
 class EvalSampler(Sampler):

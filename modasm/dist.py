@@ -35,10 +35,9 @@ def _free_port() -> int:
 
 def init() -> DistInfo:
     """Initialise torch.distributed once (idempotent). A lone process becomes a world of one."""
-    if "RANK" not in os.environ:  # not under torchrun/srun: a world of one on a free local port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    lone = "RANK" not in os.environ  # not under torchrun: a world of one on a free local port
+    if lone:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -48,7 +47,9 @@ def init() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # A lone process leaves the environment alone, so the processes it starts do not inherit a rank.
+        extra = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1) if lone else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **extra)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

@@ -6,6 +6,7 @@ any training), runs the shared loop and writes its own shard set. Paths come fro
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -38,6 +39,11 @@ def _exporter(recipe: Recipe, phase: str, layout: list[int], out: Path, only: in
     return export
 
 
+def _datasets(recipe: Recipe, data):
+    """``data`` is a zero-argument callable (shared, cached by the pipeline) or None: load now."""
+    return data() if data is not None else build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+
+
 def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
     return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
@@ -53,7 +59,7 @@ def run_meta(recipe: Recipe, info: DistInfo, data=None) -> dict:
     out = phase_dir(recipe, "meta")
     if (done := finished(out, "meta", info)) is not None:
         return done
-    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    data = _datasets(recipe, data)
     _seed(recipe, 1)
     model = M.build_meta(recipe.model, recipe.meta.drop_path).to(info.device)
     layout = M.meta_layout(recipe.model.K)
@@ -75,7 +81,7 @@ def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
     if (done := finished(out, label, info)) is not None:
         return done
     meta = load_meta(recipe)  # verified before anything trains
-    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    data = _datasets(recipe, data)
     _seed(recipe, 100 + k)
     model = M.build_hybrid(recipe.model, k, meta, recipe.incubate.drop_path).to(info.device)
     layout = M.hybrid_layout(recipe.model.split, k)
@@ -98,7 +104,7 @@ def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
     if (done := finished(out, "assemble", info)) is not None:
         return done
     modules = load_incubated(recipe)
-    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    data = _datasets(recipe, data)
     model = M.build_target(recipe.model, recipe.assemble.drop_path, modules).to(info.device)
     return train(_job(recipe, "assemble", "assemble", out, model,
                       _exporter(recipe, "assemble", recipe.model.split, out)), *data, info)
@@ -108,7 +114,7 @@ def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
     out = phase_dir(recipe, "e2e")
     if (done := finished(out, "e2e", info)) is not None:
         return done
-    data = data or build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    data = _datasets(recipe, data)
     _seed(recipe, 2)
     model = M.build_target(recipe.model, recipe.e2e.drop_path).to(info.device)
     return train(_job(recipe, "e2e", "e2e", out, model, _exporter(recipe, "e2e", recipe.model.split, out)),
@@ -118,18 +124,17 @@ def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
 def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) -> dict[int, dict]:
     """Incubate one module (array mode) or all K in turn; returns metrics per module."""
     todo = [module] if module is not None else list(range(recipe.model.K))
-    data = None
-    out = {}
-    for k in todo:
-        if finished(phase_dir(recipe, "incubate", k), f"incubate[{k}]", info) is None and data is None:
-            data = build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
-        out[k] = run_incubate(recipe, k, info, data)
-    return out
+    data = _cached_datasets(recipe)
+    return {k: run_incubate(recipe, k, info, data) for k in todo}
+
+
+def _cached_datasets(recipe: Recipe):
+    return functools.lru_cache(maxsize=1)(lambda: build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed))
 
 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
-    data = build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    data = _cached_datasets(recipe)  # loaded once, and only if some phase still has work
     run_meta(recipe, info, data)
     for k in range(recipe.model.K):
         run_incubate(recipe, k, info, data)

@@ -23,11 +23,23 @@ def dist_info():
     return dist.init()
 
 
-def launch(script: str, *args: str, nproc: int = 0, timeout: int = 300, env=None):
-    """Run an entry point as a user would: python launch/x.py or torchrun --nproc-per-node=N."""
-    import subprocess
+def launch_cmd(script: str, *args: str, nproc: int = 0) -> list[str]:
+    """python launch/x.py ... or torchrun --nproc-per-node=N launch/x.py ..."""
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
            if nproc else [sys.executable])
-    cmd += [str(ROOT / "launch" / script), *args]
-    e = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+    return cmd + [str(ROOT / "launch" / script), *args]
+
+
+def launch_env(**extra) -> dict:
+    # One thread per process: the same numerics in every launch of a test, and no oversubscription.
+    # A child is its own world: drop any rank variables of this process.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(script: str, *args: str, nproc: int = 0, timeout: int = 300, env=None):
+    """Run an entry point as a user would and capture its output."""
+    import subprocess
+    return subprocess.run(launch_cmd(script, *args, nproc=nproc), capture_output=True, text=True,
+                          timeout=timeout, env=launch_env(**(env or {})), cwd=ROOT)
