@@ -1,0 +1,47 @@
+# The README's commands. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FMNIST ?= /usr/share/datasets/fashion-mnist
+# torch + torchvision pair that runs here (CUDA builds, also fine on CPU); aarch64 has a CPU pair.
+ifeq ($(shell uname -m),aarch64)
+TORCH  ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+endif
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+
+.PHONY: setup data demo test test-fast lint clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	# DeepSpeed's setup imports torch: build it against the torch installed above.
+	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -e '.[test]'
+	touch $@
+
+data:
+	@if [ ! -f $(FMNIST)/t10k-labels-idx1-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST is missing from $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist'," \
+	         "or put the four *-ubyte.gz files of zalandoresearch/fashion-mnist in a directory and pass" \
+	         "FMNIST=that/dir (and data.root=that/dir to the recipe)"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup data
+	$(BIN)/python launch/pipeline.py recipes/demo-fmnist.yaml data.root=$(FMNIST)
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+test-fast: setup data
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache
