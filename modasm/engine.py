@@ -82,11 +82,14 @@ def input_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
-def grad_norm(engine) -> float | None:
-    """Global gradient norm of the last step where DeepSpeed tracks it; else from the grads."""
-    gn = engine.get_global_grad_norm()
-    if gn is not None:
-        return float(gn)
+def grad_norm_before_step(engine) -> float | None:
+    """Global gradient norm (before clipping) where the plain fp32 engine leaves grads on the params.
+
+    ZeRO and bf16 engines keep gradients in their own buffers and report the norm themselves
+    (``get_global_grad_norm`` after the step); for those this returns None.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return None

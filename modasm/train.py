@@ -139,17 +139,18 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
             eng.backward(loss)
             boundary = eng.is_gradient_accumulation_boundary()
             step_no = state["step"] + 1
-            gn = ds.grad_norm(eng) if boundary and step_no % cfg.log_every_steps == 0 and not eng.zero_optimization() and not eng.bfloat16_enabled() else None
+            logging_step = boundary and (step_no % cfg.log_every_steps == 0 or step_no == total)
+            pre_norm = ds.grad_norm_before_step(eng) if logging_step else None
             lr = sched.get_last_lr()[0]
             eng.step()
             meter.add(len(y) * info.world)
             if not boundary:
                 continue
             state["step"] = step_no
-            if step_no % cfg.log_every_steps == 0 or step_no == total:
+            if logging_step:
                 tick()
                 rate, eta = meter.window(step_no)
-                gn = gn if gn is not None else eng.get_global_grad_norm()
+                gn = pre_norm if pre_norm is not None else eng.get_global_grad_norm()
                 log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
                           grad_norm=None if gn is None else float(gn),
                           device_seconds=state["device_seconds"])

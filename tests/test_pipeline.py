@@ -27,6 +27,14 @@ def test_pipeline_then_rerun_does_nothing(tmp_path):
         line = next(l for l in table.splitlines() if l.startswith(row))
         top1 = float(line[30:].split()[0])
         assert 0 < top1 <= 100, line
+    for phase_dir in (run / "meta", run / "incubate" / "module-01", run / "assemble", run / "e2e"):
+        recs = [json.loads(l) for l in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in recs if r["kind"] == "train"]
+        assert train and all(r["grad_norm"] > 0 and r["img_per_s"] > 0 and r["lr"] > 0 for r in train)
+        assert [r["step"] for r in train] == sorted(r["step"] for r in train)
+        ev = [r for r in recs if r["kind"] == "eval"][-1]
+        assert ev["eval_samples"] == 256 and 0 <= ev["top5"] <= 100 and ev["top1"] <= ev["top5"]
+        assert recs[-1]["kind"] == "done" and recs[-1]["device_seconds"] > 0
     before = manifests(run)
     assert len(before) == 5  # meta, 2 incubations, assemble, e2e
     metric_lines = {p: p.read_text() for p in run.rglob("metrics.jsonl")}
