@@ -150,6 +150,11 @@ def _coerce(value: Any, tp, where: str):
         return None if value is None else _coerce(value, args[0], where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is list and isinstance(value, list):
         return value
     if tp in (int, str, bool, float) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -239,3 +244,36 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
         else:
             out.append(f"{name} = {val!r}  # {f.metadata.get('help', '')}")
     return out
+
+
+# ---------------------------------------------------------------- what a phase's result depends on
+
+# Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
+_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size"}
+_INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs"}
+_UPSTREAM = {"meta": ("meta",), "incubate": ("meta", "incubate"),
+             "assemble": ("meta", "incubate", "assemble"), "e2e": ("e2e",)}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def fingerprint(recipe: dict, section: str) -> dict:
+    """The recipe keys a phase's result depends on (its own and upstream sections, model, data, seed)."""
+    keep = {}
+    for key, value in flatten(recipe).items():
+        top, _, leaf = key.partition(".")
+        if key in _INERT or (top in PHASES and (top not in _UPSTREAM[section] or leaf in _INERT_PHASE)):
+            continue
+        keep[key] = value
+    return keep
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -9,6 +9,7 @@ run's own output. Hand-offs between phases are safetensors shard sets, see shard
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -127,22 +128,29 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info: DistInfo) -> None:
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info: DistInfo,
+         marker: dict | None = None) -> None:
+    """Every rank saves; then the main rank marks the step complete (``marker`` as JSON) and prunes."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
     barrier(info)
     if info.is_main:
-        (ckpt_dir / tag(step) / COMPLETE).write_text(str(step))
+        (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, **(marker or {})}))
         for old in complete_steps(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / tag(old), ignore_errors=True)
     barrier(info)
 
 
-def load_latest(engine, ckpt_dir: Path) -> dict | None:
+def latest(ckpt_dir: Path) -> tuple[int, dict] | None:
+    """(step, marker) of the newest complete checkpoint, or None."""
     steps = complete_steps(ckpt_dir)
     if not steps:
         return None
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag(steps[-1]))
+    return steps[-1], json.loads((ckpt_dir / tag(steps[-1]) / COMPLETE).read_text())
+
+
+def load(engine, ckpt_dir: Path, step: int) -> dict:
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag(step))
     if path is None:
-        raise RuntimeError(f"{ckpt_dir / tag(steps[-1])}: DeepSpeed could not load this checkpoint; "
+        raise RuntimeError(f"{ckpt_dir / tag(step)}: DeepSpeed could not load this checkpoint; "
                            "move it aside to restart the phase from the previous one")
     return client

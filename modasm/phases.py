@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import model as M
-from .config import Recipe
+from .config import Recipe, fingerprint
 from .data import build_datasets
 from .dist import DistInfo
 from .shards import load_modules, save_shards
@@ -47,7 +47,11 @@ def _datasets(recipe: Recipe, data):
 def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
     return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
-               eval_batch=recipe.data.eval_batch_size)
+               eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section))
+
+
+def _finished(recipe: Recipe, section: str, out: Path, label: str, info: DistInfo) -> dict | None:
+    return finished(out, label, info, fingerprint(recipe.to_dict(), section), section)
 
 
 def _seed(recipe: Recipe, salt: int) -> None:
@@ -57,7 +61,7 @@ def _seed(recipe: Recipe, salt: int) -> None:
 
 def run_meta(recipe: Recipe, info: DistInfo, data=None) -> dict:
     out = phase_dir(recipe, "meta")
-    if (done := finished(out, "meta", info)) is not None:
+    if (done := _finished(recipe, "meta", out, "meta", info)) is not None:
         return done
     data = _datasets(recipe, data)
     _seed(recipe, 1)
@@ -78,7 +82,7 @@ def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
         raise ValueError(f"--module {k} is out of range: the recipe's split has K={K} modules (0..{K - 1})")
     out = phase_dir(recipe, "incubate", k)
     label = f"incubate[{k}]"
-    if (done := finished(out, label, info)) is not None:
+    if (done := _finished(recipe, "incubate", out, label, info)) is not None:
         return done
     meta = load_meta(recipe)  # verified before anything trains
     data = _datasets(recipe, data)
@@ -101,7 +105,7 @@ def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
 
 def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
     out = phase_dir(recipe, "assemble")
-    if (done := finished(out, "assemble", info)) is not None:
+    if (done := _finished(recipe, "assemble", out, "assemble", info)) is not None:
         return done
     modules = load_incubated(recipe)
     data = _datasets(recipe, data)
@@ -112,7 +116,7 @@ def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
 
 def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
     out = phase_dir(recipe, "e2e")
-    if (done := finished(out, "e2e", info)) is not None:
+    if (done := _finished(recipe, "e2e", out, "e2e", info)) is not None:
         return done
     data = _datasets(recipe, data)
     _seed(recipe, 2)

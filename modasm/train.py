@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from . import engine as ds
-from .config import DeepSpeedConfig, PhaseConfig
+from .config import DeepSpeedConfig, PhaseConfig, fingerprint_changes
+from .config import fingerprint as config_fingerprint
 from .data import eval_loader, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
 from .metrics import MetricsLog, Throughput, fmt_eta
@@ -42,6 +43,7 @@ class Job:
     seed: int
     workers: int = 0
     eval_batch: int = 512
+    fingerprint: dict | None = None  # recipe keys the result depends on; checked on re-run and resume
 
     @property
     def ckpt_dir(self) -> Path:
@@ -73,18 +75,33 @@ def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32) 
             "eval_loss": sums[2].item() / n, "eval_samples": int(n)}
 
 
-def finished(out: Path, label: str, info: DistInfo) -> dict | None:
-    """Metrics of a phase whose shard set is complete (and says so), else None."""
+def _refuse_changes(old: dict | None, new: dict | None, what: Path, out: Path) -> None:
+    if old is None or new is None:
+        return
+    changes = fingerprint_changes(old, new)
+    if changes:
+        raise ValueError(f"{what} was made with other settings ({'; '.join(changes[:5])}); run the original "
+                         f"recipe, choose a new run.name, or move {out} aside to redo this phase")
+
+
+def finished(out: Path, label: str, info: DistInfo, fingerprint: dict | None = None,
+             section: str | None = None) -> dict | None:
+    """Metrics of a phase whose shard set is complete (and says so), else None.
+
+    A finished phase made with other settings is an error, not a silent skip.
+    """
     done = read_manifest(out / "export")
     if done is None:
         return None
+    if fingerprint is not None:
+        _refuse_changes(config_fingerprint(done["recipe"], section), fingerprint, out / "export", out)
     if info.is_main:
         print(f"[{label}] already complete at step {done['step']} ({out / 'export'}); nothing to do", flush=True)
     return done["metrics"]
 
 
 def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
-    if (done := finished(job.out, job.label, info)) is not None:
+    if (done := finished(job.out, job.label, info, job.fingerprint, job.section)) is not None:
         return done
     log = MetricsLog(job.out / "metrics.jsonl", job.label, enabled=info.is_main)
 
@@ -97,12 +114,15 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
         raise ValueError(f"{job.section}: {len(train_ds)} training samples give no full optimizer step of "
                          f"{cfg.batch_size}; lower {job.section}.batch_size")
     total = cfg.epochs * steps_per_epoch
+    newest = ds.latest(job.ckpt_dir)
+    if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
+        _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
     eng, sched = ds.build_engine(job.model, cfg, job.ds, info, job.section, total, steps_per_epoch)
     val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
 
-    state = {"step": 0, "device_seconds": 0.0, "last_eval": None}
-    client = ds.load_latest(eng, job.ckpt_dir)
-    if client is not None:
+    state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None}
+    if newest is not None:
+        client = ds.load(eng, job.ckpt_dir, newest[0])
         state.update({k: client[k] for k in state})
         torch.set_rng_state(client["rng"])
         log.say(f"resuming from step {state['step']}/{total} ({job.ckpt_dir / ds.tag(state['step'])})")
@@ -114,7 +134,8 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
                   total_params=sum(p.numel() for p in job.model.parameters()))
 
     def checkpoint():
-        ds.save(eng, job.ckpt_dir, state["step"], {**state, "rng": torch.get_rng_state()}, cfg.keep_ckpts, info)
+        ds.save(eng, job.ckpt_dir, state["step"], {**state, "rng": torch.get_rng_state()}, cfg.keep_ckpts, info,
+                marker={"fingerprint": job.fingerprint})
 
     meter = Throughput(total, state["step"])
     t_mark = time.perf_counter()
@@ -122,6 +143,7 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     def tick():  # fold wall time into the phase's cost: every rank's device time counts
         nonlocal t_mark
         now = time.perf_counter()
+        state["wall_seconds"] += now - t_mark
         state["device_seconds"] += (now - t_mark) * info.world
         t_mark = now
 
@@ -153,13 +175,14 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
                 gn = pre_norm if pre_norm is not None else eng.get_global_grad_norm()
                 log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
                           grad_norm=None if gn is None else float(gn),
-                          device_seconds=state["device_seconds"])
+                          wall_seconds=state["wall_seconds"], device_seconds=state["device_seconds"])
                 log.say(f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} "
                         f"lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
             if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
                 tick()
                 checkpoint()
             if _STOP["requested"]:
+                _STOP["requested"] = False
                 tick()
                 checkpoint()
                 log.say(f"stop requested: saved step {step_no}; re-run the same command to resume")
@@ -169,13 +192,14 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
             metrics = evaluate(eng, val, info, dtype)
             tick()
             state["last_eval"] = {**metrics, "epoch": epoch_done, "step": state["step"]}
-            log.write("eval", step=state["step"], epoch=epoch_done, device_seconds=state["device_seconds"],
-                      **metrics)
+            log.write("eval", step=state["step"], epoch=epoch_done, wall_seconds=state["wall_seconds"],
+                      device_seconds=state["device_seconds"], **metrics)
             log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
         tick()
         checkpoint()
 
-    final = {**(state["last_eval"] or {}), "device_seconds": state["device_seconds"],
+    final = {**(state["last_eval"] or {}), "wall_seconds": state["wall_seconds"],
+             "device_seconds": state["device_seconds"],
              "device_hours": state["device_seconds"] / 3600, "steps": total, "world": info.world}
     with ds.full_params(eng):
         if info.is_main:
