@@ -128,10 +128,15 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
+def _rng_file(ckpt_dir: Path, step: int, rank: int) -> Path:
+    return ckpt_dir / tag(step) / f"rng-rank{rank:05d}.pt"
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info: DistInfo,
          marker: dict | None = None) -> None:
-    """Every rank saves; then the main rank marks the step complete (``marker`` as JSON) and prunes."""
+    """Every rank saves (its own RNG too); then the main rank marks the step complete and prunes."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
+    torch.save(torch.get_rng_state(), _rng_file(ckpt_dir, step, info.rank))
     barrier(info)
     if info.is_main:
         (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, **(marker or {})}))
@@ -148,9 +153,13 @@ def latest(ckpt_dir: Path) -> tuple[int, dict] | None:
     return steps[-1], json.loads((ckpt_dir / tag(steps[-1]) / COMPLETE).read_text())
 
 
-def load(engine, ckpt_dir: Path, step: int) -> dict:
+def load(engine, ckpt_dir: Path, step: int, info: DistInfo) -> dict:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag(step))
     if path is None:
         raise RuntimeError(f"{ckpt_dir / tag(step)}: DeepSpeed could not load this checkpoint; "
                            "move it aside to restart the phase from the previous one")
+    rng = _rng_file(ckpt_dir, step, info.rank)
+    if rng.is_file():  # absent when the world size changed: this rank keeps its fresh seed
+        torch.set_rng_state(torch.load(rng, weights_only=True))
     return client

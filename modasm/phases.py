@@ -39,9 +39,14 @@ def _exporter(recipe: Recipe, phase: str, layout: list[int], out: Path, only: in
     return export
 
 
+def _cached_datasets(recipe: Recipe):
+    """A zero-argument loader that reads the datasets on first call only (phases with work to do)."""
+    return functools.lru_cache(maxsize=1)(lambda: build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed))
+
+
 def _datasets(recipe: Recipe, data):
-    """``data`` is a zero-argument callable (shared, cached by the pipeline) or None: load now."""
-    return data() if data is not None else build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed)
+    """(train, val) from ``data`` (a loader shared by the pipeline) or, if None, read now."""
+    return (data or _cached_datasets(recipe))()
 
 
 def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
@@ -132,13 +137,10 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
     return {k: run_incubate(recipe, k, info, data) for k in todo}
 
 
-def _cached_datasets(recipe: Recipe):
-    return functools.lru_cache(maxsize=1)(lambda: build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed))
-
 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
-    data = _cached_datasets(recipe)  # loaded once, and only if some phase still has work
+    data = _cached_datasets(recipe)
     run_meta(recipe, info, data)
     for k in range(recipe.model.K):
         run_incubate(recipe, k, info, data)

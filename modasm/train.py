@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import engine as ds
@@ -29,6 +30,17 @@ _STOP = {"requested": False}
 def request_stop(*_):
     """Ask the running loop to checkpoint and return at the next optimizer step (signal handler)."""
     _STOP["requested"] = True
+
+
+def stop_requested(info: DistInfo) -> bool:
+    """True on every rank when any rank was asked to stop (they must checkpoint together)."""
+    flag = torch.tensor([1.0 if _STOP["requested"] else 0.0])
+    if info.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
+    stop = bool(flag.item())
+    if stop:  # clear only when acting on it: a signal landing during the all-reduce waits for the next step
+        _STOP["requested"] = False
+    return stop
 
 
 @dataclass
@@ -100,41 +112,44 @@ def finished(out: Path, label: str, info: DistInfo, fingerprint: dict | None = N
     return done["metrics"]
 
 
+def _plan(job: Job, n_train: int, world: int) -> tuple[int, int, int]:
+    """(micro-batch per rank, optimizer steps per epoch, total steps) of a job."""
+    cfg = job.cfg
+    micro = ds.micro_batch(cfg, world, job.section)
+    steps_per_epoch = (n_train // world) // micro // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"{job.section}: {n_train} training samples give no full optimizer step of "
+                         f"{cfg.batch_size}; lower {job.section}.batch_size")
+    return micro, steps_per_epoch, cfg.epochs * steps_per_epoch
+
+
 def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     if (done := finished(job.out, job.label, info, job.fingerprint, job.section)) is not None:
         return done
     log = MetricsLog(job.out / "metrics.jsonl", job.label, enabled=info.is_main)
-
     cfg = job.cfg
-    micro = ds.micro_batch(cfg, info.world, job.section)
+    micro, steps_per_epoch, total = _plan(job, len(train_ds), info.world)
     loader = train_loader(train_ds, micro, info.rank, info.world, job.seed, job.workers)
-    micro_per_epoch = (len(train_ds) // info.world) // micro
-    steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise ValueError(f"{job.section}: {len(train_ds)} training samples give no full optimizer step of "
-                         f"{cfg.batch_size}; lower {job.section}.batch_size")
-    total = cfg.epochs * steps_per_epoch
+    val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
     newest = ds.latest(job.ckpt_dir)
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
     eng, sched = ds.build_engine(job.model, cfg, job.ds, info, job.section, total, steps_per_epoch)
-    val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
 
     state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None}
     if newest is not None:
-        client = ds.load(eng, job.ckpt_dir, newest[0])
+        client = ds.load(eng, job.ckpt_dir, newest[0], info)
         state.update({k: client[k] for k in state})
-        torch.set_rng_state(client["rng"])
         log.say(f"resuming from step {state['step']}/{total} ({job.ckpt_dir / ds.tag(state['step'])})")
     else:
-        torch.manual_seed(job.seed + 1000 * info.rank)
+        torch.manual_seed(job.seed + 1000 * info.rank)  # drop path / dropout; data has its own seeds
         log.write("start", total_steps=total, steps_per_epoch=steps_per_epoch, world=info.world,
                   micro_batch=micro, batch_size=cfg.batch_size,
                   trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in job.model.parameters()))
 
     def checkpoint():
-        ds.save(eng, job.ckpt_dir, state["step"], {**state, "rng": torch.get_rng_state()}, cfg.keep_ckpts, info,
+        ds.save(eng, job.ckpt_dir, state["step"], dict(state), cfg.keep_ckpts, info,
                 marker={"fingerprint": job.fingerprint})
 
     meter = Throughput(total, state["step"])
@@ -181,8 +196,7 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
             if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
                 tick()
                 checkpoint()
-            if _STOP["requested"]:
-                _STOP["requested"] = False
+            if stop_requested(info):
                 tick()
                 checkpoint()
                 log.say(f"stop requested: saved step {step_no}; re-run the same command to resume")

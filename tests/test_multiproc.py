@@ -63,3 +63,36 @@ def test_two_ranks_zero3_bf16(incubated, tmp_path):
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
     evals = [r for r in read_jsonl(two / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals and evals[-1]["eval_samples"] == 256
+
+
+def test_stop_signal_to_one_rank_checkpoints_all_and_resumes(tmp_path):
+    """SIGUSR1 reaching one rank only: all ranks agree, save one complete checkpoint, exit; re-run resumes."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import ROOT, launch_cmd, launch_env
+    ov = [f"run.out_dir={tmp_path}", "data.train_limit=8192", "e2e.epochs=2", "e2e.log_every_steps=1"]
+    proc = subprocess.Popen(launch_cmd("e2e.py", str(TINY), *ov, nproc=2), cwd=ROOT, env=launch_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "tiny" / "e2e" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not any(r["kind"] == "train" for r in read_jsonl(metrics)) and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "e2e.py" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested: saved step" in out
+    from modasm.engine import complete_steps
+    steps = complete_steps(tmp_path / "tiny" / "e2e" / "ckpt")
+    assert len(steps) == 1 and 0 < steps[0] < 256
+    assert not (tmp_path / "tiny" / "e2e" / "export" / "manifest.json").exists()
+
+    res = launch("e2e.py", str(TINY), *ov, nproc=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resuming from step {steps[0]}/256" in res.stdout
+    assert (tmp_path / "tiny" / "e2e" / "export" / "manifest.json").exists()
