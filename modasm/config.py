@@ -56,9 +56,13 @@ class ModelConfig:
         return len(self.split)
 
 
+DATA_SOURCES = ("fashion-mnist", "imagefolder", "webdataset")
+
+
 @dataclass
 class DataConfig:
-    source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset).")
+    source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset); "
+                     "'imagefolder' and 'webdataset' (ImageNet scale) are declared for the data issue.")
     root: str = _f("/usr/share/datasets/fashion-mnist", "Directory holding the source's files.")
     train_limit: int = _f(0, "Use only the first N training samples of a seeded permutation (0: all).")
     eval_limit: int = _f(0, "Evaluate on only the first N validation samples (0: all; for quick tests).")
@@ -66,8 +70,8 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank.")
 
     def __post_init__(self):
-        if self.source not in ("fashion-mnist",):
-            raise ValueError(f"data.source={self.source!r} is not known; valid: 'fashion-mnist'")
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""The paper's ViT-B/L/H recipes build meta, hybrid and assembled models of timm's sizes (meta device)."""
+import dataclasses
+
+import pytest
+import timm
+import torch
+
+from conftest import ROOT
+from modasm import model as M
+from modasm.config import load_recipe
+
+CASES = [("vit-b16", "vit_base_patch16_224"), ("vit-l16", "vit_large_patch16_224"),
+         ("vit-h14", "vit_huge_patch14_224")]
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_count(name: str, cfg, depth: int | None = None) -> int:
+    kw = {"depth": depth} if depth is not None else {}
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, qkv_bias=cfg.qkv_bias, **kw)
+    assert all(p.is_meta for p in ref.parameters())
+    return count(ref)
+
+
+@pytest.mark.parametrize("recipe,timm_name", CASES + [("vit-h14:uneven", "vit_huge_patch14_224")])
+def test_recipe_models_match_timm(recipe, timm_name):
+    name, _, variant = recipe.partition(":")
+    ov = ["model.split=[4,3,3,3,3,3,3,3,3,4]"] if variant == "uneven" else []
+    cfg = load_recipe(ROOT / "recipes" / f"{name}.yaml", ov).model
+    K = cfg.K
+    with torch.device("meta"):
+        target = M.build_target(cfg)
+        meta = M.build_meta(cfg)
+        hybrids = [M.build_hybrid(cfg, k, None) for k in range(K)]
+    for m in [target, meta, *hybrids]:
+        assert all(t.is_meta for t in m.state_dict().values()), "a full weight was allocated"
+
+    assert count(target) == timm_count(timm_name, cfg)
+    assert count(meta) == timm_count(timm_name, cfg, depth=K)
+    per_module = {m: sum(t.numel() for n, t in target.named_parameters() if M.owner(n, cfg.split)[0] == m)
+                  for m in range(K)}
+    assert sum(per_module.values()) == count(target)
+    for k, h in enumerate(hybrids):
+        assert count(h) == timm_count(timm_name, cfg, depth=K - 1 + cfg.split[k])
+        layout = M.hybrid_layout(cfg.split, k)
+        trainable = {n for n, p in h.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, _ in h.named_parameters() if M.owner(n, layout)[0] == k}
+        assert sum(p.numel() for p in h.parameters() if p.requires_grad) == per_module[k]
+    if name == "vit-h14":
+        assert 631e6 < count(target) < 633e6
+        # the paper's ViT-H/14: no qkv bias, LayerNorm eps 1e-5
+        assert not cfg.qkv_bias and target.blocks[0].norm1.eps == 1e-5
+        with_bias = dataclasses.replace(cfg, qkv_bias=True)
+        assert timm_count(timm_name, with_bias) - count(target) == 32 * 3 * 1280  # today's timm default

@@ -1,0 +1,139 @@
+"""The hand-off format: round trip, and bad shards refused before any training, naming file and mismatch."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import TINY, launch
+from modasm import model as M
+from modasm import phases
+from modasm.config import load_recipe
+from modasm.shards import ShardError, load_modules, save_shards
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dist_info):
+    """Incubated runs of the tiny recipe: the real one, one of another split, one of another width."""
+    made = {}
+    for name, ov in [("good", []), ("split", ["model.split=[2,1]"]),
+                     ("width", ["model.embed_dim=48", "model.num_heads=2"])]:
+        out = tmp_path_factory.mktemp(name)
+        recipe = load_recipe(TINY, [f"run.out_dir={out}", *ov])
+        phases.run_meta(recipe, dist_info)
+        phases.run_incubate_all(recipe, dist_info)
+        made[name] = out
+    return made
+
+
+@pytest.fixture
+def run(runs, tmp_path):
+    """A private copy of the good run, and its recipe."""
+    shutil.copytree(runs["good"], tmp_path / "run")
+    return tmp_path / "run", load_recipe(TINY, [f"run.out_dir={tmp_path / 'run'}"])
+
+
+def module_export(run_dir, k):
+    return run_dir / "tiny" / "incubate" / f"module-{k:02d}" / "export"
+
+
+def refused(recipe, dist_info, *patterns):
+    with pytest.raises(ShardError) as e:
+        phases.run_assemble(recipe, dist_info)
+    for p in patterns:
+        assert p in str(e.value), f"{p!r} not in {e.value}"
+    assemble = phases.phase_dir(recipe, "assemble")
+    assert not (assemble / "ckpt").exists() and not (assemble / "metrics.jsonl").exists(), "training started"
+    return str(e.value)
+
+
+def test_flipped_byte_is_refused(run, dist_info):
+    run_dir, recipe = run
+    f = module_export(run_dir, 1) / "module-01.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    refused(recipe, dist_info, str(f), "sha256")
+
+
+def test_missing_module_is_refused(run, dist_info):
+    run_dir, recipe = run
+    shutil.rmtree(run_dir / "tiny" / "incubate" / "module-01")
+    refused(recipe, dist_info, str(module_export(run_dir, 1)), "does not exist")
+
+
+def test_missing_manifest_is_not_a_checkpoint(run, dist_info):
+    run_dir, recipe = run
+    (module_export(run_dir, 0) / "manifest.json").unlink()  # as after a writer killed mid-way
+    refused(recipe, dist_info, str(module_export(run_dir, 0)), "no manifest.json")
+
+
+def test_shard_of_another_split_is_refused(run, runs, dist_info):
+    run_dir, recipe = run
+    shutil.rmtree(module_export(run_dir, 1))
+    shutil.copytree(module_export(runs["split"], 1), module_export(run_dir, 1))
+    refused(recipe, dist_info, str(module_export(run_dir, 1) / "manifest.json"), "split [2, 1]", "[1, 2]")
+
+
+def test_shard_of_another_width_is_refused(run, runs, dist_info):
+    run_dir, recipe = run
+    shutil.rmtree(module_export(run_dir, 0))
+    shutil.copytree(module_export(runs["width"], 0), module_export(run_dir, 0))
+    refused(recipe, dist_info, str(module_export(run_dir, 0) / "manifest.json"), "model.embed_dim is 48", "32")
+
+
+def test_another_modules_shard_in_the_slot_is_refused(run, dist_info):
+    run_dir, recipe = run
+    shutil.rmtree(module_export(run_dir, 1))
+    shutil.copytree(module_export(run_dir, 0), module_export(run_dir, 1))
+    refused(recipe, dist_info, str(module_export(run_dir, 1) / "manifest.json"), "module 1 is missing",
+            "holds modules [0]")
+
+
+def test_meta_shard_refused_before_incubation(run, dist_info):
+    run_dir, recipe = run
+    f = run_dir / "tiny" / "meta" / "export" / "module-00.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])  # truncated
+    shutil.rmtree(run_dir / "tiny" / "incubate" / "module-00")
+    with pytest.raises(ShardError, match="sha256"):
+        phases.run_incubate(recipe, 0, dist_info)
+    assert not (phases.phase_dir(recipe, "incubate", 0) / "ckpt").exists()
+
+
+def test_cli_refuses_with_a_clear_error(run):
+    run_dir, _ = run
+    f = module_export(run_dir, 1) / "module-01.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    res = launch("assemble.py", str(TINY), f"run.out_dir={run_dir}")
+    assert res.returncode == 2
+    assert "sha256" in res.stderr and "module-01.safetensors" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_round_trip_and_manifest(tmp_path):
+    recipe = load_recipe(TINY, [f"run.out_dir={tmp_path}"])
+    cfg = recipe.model
+    model = M.build_target(cfg)
+    modules = M.split_modules(model, cfg.split)
+    d = tmp_path / "set"
+    save_shards(d, modules, model_cfg=cfg, layout=cfg.split, phase="assemble", step=7,
+                recipe=recipe.to_dict(), metrics={"top1": 1.5})
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "module-00.safetensors", "module-01.safetensors"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["split"] == [1, 2] and manifest["layout"] == [1, 2]
+    assert manifest["phase"] == "assemble" and manifest["step"] == 7 and manifest["metrics"] == {"top1": 1.5}
+    assert manifest["recipe"]["model"]["embed_dim"] == 32 and manifest["model"]["embed_dim"] == 32
+    assert all(len(e["sha256"]) == 64 for e in manifest["modules"])
+    loaded, _ = load_modules(d, model_cfg=cfg, modules=[0, 1], phase="assemble")
+    for m in (0, 1):
+        assert loaded[m].keys() == modules[m].keys()
+        assert all(torch.equal(loaded[m][k], modules[m][k]) for k in modules[m])
+        with safe_open(str(d / f"module-{m:02d}.safetensors"), "pt") as f:  # plain safetensors, no pickle
+            assert set(f.keys()) == set(modules[m])
+    # module-local names: module 1's two blocks are blocks.0 and blocks.1, and it owns the head
+    assert any(k.startswith("blocks.1.") for k in modules[1]) and "head.weight" in modules[1]
+    assert "pos_embed" in modules[0] and not any(k.startswith("blocks.1.") for k in modules[0])
+    with pytest.raises(ShardError, match="written by phase 'assemble', expected 'incubate'"):
+        load_modules(d, model_cfg=cfg, modules=[0], phase="incubate")
