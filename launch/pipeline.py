@@ -1,10 +1,10 @@
-"""The whole method in one process: meta -> incubate K -> assemble + fine-tune -> E2E -> table.
+"""The whole method in one process: meta -> incubate K -> assemble + fine-tune -> E2E -> table + report.
 
     python launch/pipeline.py recipes/demo-fmnist.yaml [a.b=c ...]
 Each phase still hands off through its shard set on disk; re-running skips finished phases.
 """
 from modasm import cli, dist, phases
-from modasm.report import collect, table
+from modasm.report import collect, table, write_report
 
 args, recipe = cli.parse(__doc__)
 
@@ -14,6 +14,7 @@ def run():
     phases.run_pipeline(recipe, info)
     if info.is_main:
         print("\n" + table(collect(recipe.run_dir)), flush=True)
+        print(f"\nreport with plots: {write_report(recipe.run_dir)}", flush=True)
 
 
 cli.main(run)

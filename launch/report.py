@@ -1,11 +1,18 @@
-"""Print the comparison table of a run directory (meta, hybrids, assembled, E2E: accuracy, cost).
+"""Write a run's report (report.md + PNG plots) from its JSON lines, and print the comparison table.
 
-    python launch/report.py runs/demo-fmnist
+    python launch/report.py runs/demo-fmnist        -> runs/demo-fmnist/report/report.md
 """
 import argparse
+import sys
 
-from modasm.report import collect, table
+from modasm.report import collect, table, write_report
 
-p = argparse.ArgumentParser(description=__doc__)
-p.add_argument("run_dir")
-print(table(collect(p.parse_args().run_dir)))
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("run_dir", help="runs/<run.name>")
+args = p.parse_args()
+try:
+    path = write_report(args.run_dir)
+except ValueError as e:
+    sys.exit(f"error: {e}")
+print(table(collect(args.run_dir)))
+print(f"\nreport: {path}")

@@ -110,6 +110,30 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
+@dataclass
+class WandbConfig:
+    mode: str = _f("offline", "'offline' (default: local files only, sync later with `wandb sync`), 'online', "
+                   "or 'disabled'. The WANDB_MODE environment variable takes precedence.")
+    project: str = _f("modasm", "W&B project.")
+    entity: str = _f("", "W&B entity (user or team); empty: your default entity.")
+    group: str = _f("", "W&B group of this pipeline's runs; empty: run.name.")
+
+    def __post_init__(self):
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb.mode must be 'offline', 'online' or 'disabled', got {self.mode!r}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases"})
+    progress: str = _f("auto", "'bar' (a live line), 'lines' (plain lines every log_every_steps), or 'auto': "
+                       "bar on a terminal, lines otherwise.")
+
+    def __post_init__(self):
+        if self.progress not in ("auto", "bar", "lines"):
+            raise ValueError(f"logging.progress must be 'auto', 'bar' or 'lines', got {self.progress!r}")
+
+
 def _phase(**overrides):
     return field(default_factory=lambda: PhaseConfig(**overrides), metadata={"help": "phase optimisation"})
 
@@ -124,6 +148,7 @@ class Recipe:
     assemble: PhaseConfig = _phase(epochs=100, warmup_epochs=0.0, clip_grad=1.0)
     e2e: PhaseConfig = _phase(epochs=300)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -272,7 +297,7 @@ def fingerprint(recipe: dict, section: str) -> dict:
     keep = {}
     for key, value in flatten(recipe).items():
         top, _, leaf = key.partition(".")
-        if key in _INERT or (top in PHASES and (top not in _UPSTREAM[section] or leaf in _INERT_PHASE)):
+        if key in _INERT or top == "logging" or (top in PHASES and (top not in _UPSTREAM[section] or leaf in _INERT_PHASE)):
             continue
         keep[key] = value
     return keep

@@ -1,14 +1,21 @@
-"""Metrics: JSON lines per phase, progress lines with img/s and ETA, device-time accounting.
+"""Metrics: JSON lines per phase, W&B (offline unless configured), progress, device-time accounting.
 
-Only the main rank of a group writes. Every record carries the phase, wall time and the phase's
-cumulative device-seconds (wall time x ranks), so cost sits on the same axis as accuracy.
+Only the main rank of a group writes. Every record carries the phase's wall and device seconds
+(device = wall x ranks) and the pipeline's cumulative device-hours so far, so accuracy and cost
+share one axis ("accuracy vs GPU-hours"). JSON lines are the source of truth (the report reads
+only them); W&B mirrors them for dashboards.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import struct
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def fmt_eta(seconds: float) -> str:
@@ -18,11 +25,138 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class MetricsLog:
-    """Append-only JSON-lines log of one phase (``metrics.jsonl``) plus terminal progress."""
+class CostClock:
+    """Wall and device time of one phase, accumulated across resumes; device time = wall x ranks.
 
-    def __init__(self, path: str | Path, phase: str, enabled: bool, stream=sys.stdout):
-        self.path, self.phase, self.enabled, self.stream = Path(path), phase, enabled, stream
+    ``base_hours`` is the device time the pipeline spent before this phase (e.g. meta + all
+    incubations for the fine-tune), so ``pipeline_hours`` is the cumulative cost so far.
+    """
+
+    def __init__(self, world: int, wall: float = 0.0, device: float = 0.0, base_hours: float = 0.0,
+                 now: Callable[[], float] = time.perf_counter):
+        self.world, self.wall, self.device, self.base_hours, self._now = world, wall, device, base_hours, now
+        self._mark = now()
+
+    def tick(self) -> None:
+        now = self._now()
+        self.wall += now - self._mark
+        self.device += (now - self._mark) * self.world
+        self._mark = now
+
+    @property
+    def device_hours(self) -> float:
+        return self.device / 3600
+
+    @property
+    def pipeline_hours(self) -> float:
+        return self.base_hours + self.device_hours
+
+    def fields(self) -> dict:
+        return {"wall_seconds": self.wall, "device_seconds": self.device,
+                "device_hours": self.device_hours, "pipeline_device_hours": self.pipeline_hours}
+
+
+class Progress:
+    """A live bar on a terminal; plain lines (for logs and Slurm output files) otherwise."""
+
+    def __init__(self, label: str, mode: str = "auto", stream=sys.stdout):
+        self.label, self.stream = label, stream
+        self.bar = mode == "bar" or (mode == "auto" and stream.isatty())
+        self._open = False
+
+    def update(self, step: int, total: int, text: str) -> None:
+        if not self.bar:
+            self.say(text)
+            return
+        width = 24
+        filled = int(width * step / max(total, 1))
+        self.stream.write(f"\r[{self.label}] |{'#' * filled}{'.' * (width - filled)}| {text}\033[K")
+        self.stream.flush()
+        self._open = True
+
+    def say(self, msg: str) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+        print(f"[{self.label}] {msg}", file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def wandb_mode(configured: str) -> str:
+    return os.environ.get("WANDB_MODE", configured)
+
+
+def wandb_run_id(group: str, label: str, out: Path) -> str:
+    """Stable per phase output: re-running (resuming) a phase continues the same W&B run."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{group}-{label}").strip("-")
+    return f"{slug}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]}"
+
+
+class WandbRun:
+    """One W&B run per phase (per module for incubation), grouped per pipeline, job_type = phase."""
+
+    def __init__(self, cfg, *, run_dir: Path, group: str, job_type: str, label: str, out: Path, config: dict):
+        import wandb  # imported only when used: a disabled logger costs nothing
+        mode = wandb_mode(cfg.mode)
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            raise ValueError("logging.wandb.mode is 'online' but no W&B API key is configured: run `wandb login` "
+                             "or set WANDB_API_KEY, or keep mode 'offline' and `wandb sync` the runs later")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb, self.group = wandb, group
+        kw = dict(mode=mode, project=cfg.project, entity=cfg.entity or None, group=group, job_type=job_type,
+                  name=label, config=config, dir=str(run_dir),
+                  settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run_id = wandb_run_id(group, label, out)
+        try:
+            self.run = wandb.init(id=run_id, resume="allow", **kw)
+        except Exception as e:  # a killed predecessor's W&B service may still hold the id for a while
+            if "in use" not in str(e):
+                raise
+            self.run = wandb.init(id=f"{run_id}-{int(time.time())}", **kw)
+        # accuracy charts default to the cost axis: cumulative device-hours of the whole pipeline
+        self.run.define_metric("cost/pipeline_device_hours")
+        self.run.define_metric("eval/*", step_metric="cost/pipeline_device_hours", step_sync=True)
+
+    def log(self, record: dict, step: int) -> None:
+        self.run.log(record, step=step)
+
+    def log_shards(self, label: str, export_dir: Path) -> None:
+        """The shard set as an artifact: its manifest, and the weights by reference (not copied)."""
+        art = self.wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.group}-{label}-shards"), type="shards")
+        art.add_file(str(export_dir / "manifest.json"))
+        art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
+        self.run.log_artifact(art)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in h for h in hosts)
+
+
+_WANDB_KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "img_per_s": "train/img_per_s",
+                         "grad_norm": "train/grad_norm"},
+               "eval": {"top1": "eval/top1", "top5": "eval/top5", "eval_loss": "eval/loss"}}
+_COST_KEYS = {"device_hours": "cost/device_hours", "pipeline_device_hours": "cost/pipeline_device_hours",
+              "wall_seconds": "cost/wall_seconds"}
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of one phase (``metrics.jsonl``), W&B mirror, terminal progress."""
+
+    def __init__(self, path: str | Path, phase: str, enabled: bool, progress: str = "auto",
+                 wandb_run: WandbRun | None = None, stream=sys.stdout):
+        self.path, self.phase, self.enabled = Path(path), phase, enabled
+        self.progress = Progress(phase, progress, stream)
+        self.wandb = wandb_run if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -32,10 +166,24 @@ class MetricsLog:
         rec = {"phase": self.phase, "kind": kind, "time": round(time.time(), 3), **fields}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if self.wandb is not None and "step" in fields:
+            keys = {**_WANDB_KEYS.get(kind, {}), **_COST_KEYS}
+            out = {keys[k]: v for k, v in fields.items() if k in keys and v is not None}
+            if out:
+                self.wandb.log(out, step=fields["step"])
 
     def say(self, msg: str) -> None:
         if self.enabled:
-            print(f"[{self.phase}] {msg}", file=self.stream, flush=True)
+            self.progress.say(msg)
+
+    def update(self, step: int, total: int, text: str) -> None:
+        if self.enabled:
+            self.progress.update(step, total, text)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -70,3 +218,31 @@ class Throughput:
         self.imgs, self.t_last = 0, now
         per_step = (now - self.t0) / max(done_steps - self.start_done, 1)
         return rate, per_step * (self.total - done_steps)
+
+
+def read_wandb_offline(path: str | Path):
+    """Yield the ``wandb_internal_pb2.Record``s of an offline ``run-*.wandb`` file.
+
+    The file is W&B's 7-byte header followed by a LevelDB-style log (32 KiB blocks of chunks: crc32,
+    length, type FULL/FIRST/MIDDLE/LAST). Lets tests and users inspect offline runs without a server.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            yield rec

@@ -15,7 +15,8 @@ from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
 from .dist import DistInfo
-from .shards import load_modules, save_shards
+from .metrics import MetricsLog, WandbRun, wandb_mode
+from .shards import load_modules, read_manifest, save_shards
 from .train import Job, finished, train
 
 
@@ -49,10 +50,30 @@ def _datasets(recipe: Recipe, data):
     return (data or _cached_datasets(recipe))()
 
 
+def _logger(recipe: Recipe, label: str, section: str, out: Path):
+    """JSON lines of the phase, mirrored to a W&B run (group = pipeline, job_type = phase) on rank 0."""
+    def make(info: DistInfo) -> MetricsLog:
+        wb = None
+        if info.is_main and wandb_mode(recipe.logging.wandb.mode) != "disabled":
+            wb = WandbRun(recipe.logging.wandb, run_dir=recipe.run_dir, group=recipe.logging.wandb.group or recipe.run.name,
+                          job_type=section, label=label, out=out, config=recipe.to_dict())
+        return MetricsLog(out / "metrics.jsonl", label, info.is_main, recipe.logging.progress, wb)
+    return make
+
+
+def upstream_hours(recipe: Recipe, section: str) -> float:
+    """Device-hours the pipeline spent before this phase: meta for incubation; meta + all incubations
+    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests)."""
+    dirs = {"meta": [], "e2e": [], "incubate": [export_dir(recipe, "meta")],
+            "assemble": [export_dir(recipe, "meta")] + [export_dir(recipe, "incubate", k) for k in range(recipe.model.K)]}
+    return sum((read_manifest(d) or {}).get("metrics", {}).get("device_hours", 0.0) for d in dirs[section])
+
+
 def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
     return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
-               eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section))
+               eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section),
+               base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out))
 
 
 def _finished(recipe: Recipe, section: str, out: Path, label: str, info: DistInfo) -> dict | None:

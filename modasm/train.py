@@ -7,7 +7,6 @@ resumes from its newest complete checkpoint at the exact batch.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ from .config import DeepSpeedConfig, PhaseConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
 from .data import eval_loader, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
-from .metrics import MetricsLog, Throughput, fmt_eta
+from .metrics import CostClock, MetricsLog, Throughput, fmt_eta
 from .shards import read_manifest
 
 _STOP = {"requested": False}
@@ -56,6 +55,8 @@ class Job:
     workers: int = 0
     eval_batch: int = 512
     fingerprint: dict | None = None  # recipe keys the result depends on; checked on re-run and resume
+    base_hours: float = 0.0          # device-hours the pipeline spent before this phase (cost axis)
+    make_log: Callable[[DistInfo], MetricsLog] | None = None  # JSON lines (+ W&B) of this phase
 
     @property
     def ckpt_dir(self) -> Path:
@@ -126,7 +127,6 @@ def _plan(job: Job, n_train: int, world: int) -> tuple[int, int, int]:
 def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     if (done := finished(job.out, job.label, info, job.fingerprint, job.section)) is not None:
         return done
-    log = MetricsLog(job.out / "metrics.jsonl", job.label, enabled=info.is_main)
     cfg = job.cfg
     micro, steps_per_epoch, total = _plan(job, len(train_ds), info.world)
     loader = train_loader(train_ds, micro, info.rank, info.world, job.seed, job.workers)
@@ -135,7 +135,15 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
     eng, sched = ds.build_engine(job.model, cfg, job.ds, info, job.section, total, steps_per_epoch)
+    log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
+    try:
+        return _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoch, total)
+    finally:
+        log.close()
 
+
+def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoch, total) -> dict:
+    cfg = job.cfg
     state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None}
     if newest is not None:
         client = ds.load(eng, job.ckpt_dir, newest[0], info)
@@ -144,24 +152,18 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     else:
         torch.manual_seed(job.seed + 1000 * info.rank)  # drop path / dropout; data has its own seeds
         log.write("start", total_steps=total, steps_per_epoch=steps_per_epoch, world=info.world,
-                  micro_batch=micro, batch_size=cfg.batch_size,
+                  micro_batch=micro, batch_size=cfg.batch_size, base_hours=job.base_hours,
                   trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in job.model.parameters()))
+    clock = CostClock(info.world, state["wall_seconds"], state["device_seconds"], job.base_hours)
 
     def checkpoint():
+        clock.tick()
+        state.update(wall_seconds=clock.wall, device_seconds=clock.device)
         ds.save(eng, job.ckpt_dir, state["step"], dict(state), cfg.keep_ckpts, info,
                 marker={"fingerprint": job.fingerprint})
 
     meter = Throughput(total, state["step"])
-    t_mark = time.perf_counter()
-
-    def tick():  # fold wall time into the phase's cost: every rank's device time counts
-        nonlocal t_mark
-        now = time.perf_counter()
-        state["wall_seconds"] += now - t_mark
-        state["device_seconds"] += (now - t_mark) * info.world
-        t_mark = now
-
     eng.train()
     dtype = ds.input_dtype(eng)
     while state["step"] < total:
@@ -185,41 +187,37 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
                 continue
             state["step"] = step_no
             if logging_step:
-                tick()
+                clock.tick()
                 rate, eta = meter.window(step_no)
                 gn = pre_norm if pre_norm is not None else eng.get_global_grad_norm()
                 log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
-                          grad_norm=None if gn is None else float(gn),
-                          wall_seconds=state["wall_seconds"], device_seconds=state["device_seconds"])
-                log.say(f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} "
-                        f"lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
+                          grad_norm=None if gn is None else float(gn), **clock.fields())
+                log.update(step_no, total, f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} "
+                           f"loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
             if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
-                tick()
                 checkpoint()
             if stop_requested(info):
-                tick()
                 checkpoint()
                 log.say(f"stop requested: saved step {step_no}; re-run the same command to resume")
                 return {"interrupted": True, "step": step_no}
         epoch_done = state["step"] // steps_per_epoch
         if epoch_done % cfg.eval_every_epochs == 0 or state["step"] == total:
             metrics = evaluate(eng, val, info, dtype)
-            tick()
+            clock.tick()
             state["last_eval"] = {**metrics, "epoch": epoch_done, "step": state["step"]}
-            log.write("eval", step=state["step"], epoch=epoch_done, wall_seconds=state["wall_seconds"],
-                      device_seconds=state["device_seconds"], **metrics)
+            log.write("eval", step=state["step"], epoch=epoch_done, **metrics, **clock.fields())
             log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
-        tick()
         checkpoint()
 
-    final = {**(state["last_eval"] or {}), "wall_seconds": state["wall_seconds"],
-             "device_seconds": state["device_seconds"],
-             "device_hours": state["device_seconds"] / 3600, "steps": total, "world": info.world}
+    clock.tick()
+    final = {**(state["last_eval"] or {}), **clock.fields(), "steps": total, "world": info.world}
     with ds.full_params(eng):
         if info.is_main:
             job.export(eng.module, total, final)
     barrier(info)
     log.write("done", **final)
-    log.say(f"done: top-1 {final.get('top1', float('nan')):.2f}%, {final['device_hours'] * 3600:.0f} device-s; "
+    if log.wandb is not None:
+        log.wandb.log_shards(job.label, job.export_dir)
+    log.say(f"done: top-1 {final.get('top1', float('nan')):.2f}%, {final['device_seconds']:.0f} device-s; "
             f"shards in {job.export_dir}")
     return final
