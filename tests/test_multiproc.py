@@ -63,6 +63,11 @@ def test_two_ranks_zero3_bf16(incubated, tmp_path):
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
     evals = [r for r in read_jsonl(two / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals and evals[-1]["eval_samples"] == 256
+    # one writer per group: a single W&B run and a single set of records for the 2-rank phase
+    assert len(list((tmp_path / "z3" / "tiny" / "wandb").glob("offline-run-*-tiny-assemble-*"))) == 1
+    assert len([r for r in read_jsonl(two / "metrics.jsonl") if r["kind"] == "start"]) == 1
+    # device time counts both ranks
+    assert manifest["metrics"]["device_seconds"] == pytest.approx(2 * manifest["metrics"]["wall_seconds"])
 
 
 def test_stop_signal_to_one_rank_checkpoints_all_and_resumes(tmp_path):
