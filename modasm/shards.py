@@ -90,19 +90,51 @@ def save_shards(directory: str | Path, modules: dict[int, dict[str, torch.Tensor
         "metrics": metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest["manifest_sha256"] = _self_digest(manifest)
     _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return directory / MANIFEST
 
 
+# Required manifest keys and their JSON types; every module entry needs _ENTRY's.
+_MANIFEST_KEYS = {"format_version": int, "model": dict, "split": list, "layout": list, "phase": str, "step": int,
+                  "modules": list, "recipe": dict, "metrics": dict}
+_ENTRY_KEYS = {"index": int, "file": str, "sha256": str, "tensors": dict}
+
+
+def _self_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: any edited byte is caught."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(directory: str | Path) -> dict | None:
-    """The manifest of a complete shard set, or None if the directory holds none."""
+    """The manifest of a complete shard set, or None if the directory holds none.
+
+    Raises ShardError (naming the file) for a manifest that is not valid JSON, lacks a key, or whose
+    content does not match its own digest.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: manifest is not valid JSON ({e}); re-run the phase that wrote it") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: manifest is not a JSON object; re-run the phase that wrote it")
+    problems = [f"key '{k}' missing or not {t.__name__}" for k, t in _MANIFEST_KEYS.items()
+                if not isinstance(manifest.get(k), t)]
+    for i, e in enumerate(manifest.get("modules") or []):
+        problems += [f"modules[{i}].{k} missing or not {t.__name__}" for k, t in _ENTRY_KEYS.items()
+                     if not isinstance(e, dict) or not isinstance(e.get(k), t)]
+        if isinstance(e, dict) and isinstance(e.get("file"), str) and Path(e["file"]).name != e["file"]:
+            problems.append(f"modules[{i}].file {e['file']!r} is not a file name in this directory")
+    if problems:
+        raise ShardError(f"{path}: malformed manifest ({'; '.join(problems[:3])}); re-run the phase that wrote it")
+    if manifest.get("manifest_sha256") != _self_digest(manifest):
+        raise ShardError(f"{path}: manifest content does not match its manifest_sha256 (corrupt or edited); "
+                         "re-run the phase that wrote it")
+    return manifest
 
 
 def verify(directory: str | Path, *, model_cfg: ModelConfig, modules: list[int],

@@ -1,6 +1,9 @@
 """The hand-off format: round trip, and bad shards refused before any training, naming file and mismatch."""
+import hashlib
 import json
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,21 +11,22 @@ from safetensors import safe_open
 
 from conftest import TINY, launch
 from modasm import model as M
-from modasm import phases
+from modasm import phases, shards
 from modasm.config import load_recipe
-from modasm.shards import ShardError, load_modules, save_shards
+from modasm.shards import ShardError, _self_digest, load_modules, save_shards, verify
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, dist_info):
     """Incubated runs of the tiny recipe: the real one, one of another split, one of another width."""
     made = {}
-    for name, ov in [("good", []), ("split", ["model.split=[2,1]"]),
-                     ("width", ["model.embed_dim=48", "model.num_heads=2"])]:
+    for name, ov, todo in [("good", [], [0, 1]), ("split", ["model.split=[2,1]"], [1]),
+                           ("width", ["model.embed_dim=48", "model.num_heads=2"], [0])]:
         out = tmp_path_factory.mktemp(name)
         recipe = load_recipe(TINY, [f"run.out_dir={out}", *ov])
         phases.run_meta(recipe, dist_info)
-        phases.run_incubate_all(recipe, dist_info)
+        for k in todo:  # the foreign runs only need the module that is copied from them
+            phases.run_incubate(recipe, k, dist_info)
         made[name] = out
     return made
 
@@ -91,6 +95,72 @@ def test_another_modules_shard_in_the_slot_is_refused(run, dist_info):
             "holds modules [0]")
 
 
+def test_meta_shard_in_an_incubate_slot_is_refused(run, dist_info):
+    run_dir, recipe = run
+    shutil.rmtree(module_export(run_dir, 1))
+    shutil.copytree(run_dir / "tiny" / "meta" / "export", module_export(run_dir, 1))  # holds modules 0 and 1
+    refused(recipe, dist_info, str(module_export(run_dir, 1) / "manifest.json"),
+            "written by phase 'meta', expected 'incubate'")
+
+
+def test_missing_file_under_a_manifest_is_refused(run, dist_info):
+    run_dir, recipe = run
+    f = module_export(run_dir, 1) / "module-01.safetensors"
+    f.unlink()
+    refused(recipe, dist_info, str(f), "file of module 1 is missing")
+
+
+def test_truncated_manifest_is_refused(run, dist_info):
+    run_dir, recipe = run
+    m = module_export(run_dir, 0) / "manifest.json"
+    m.write_bytes(m.read_bytes()[: len(m.read_bytes()) // 2])
+    refused(recipe, dist_info, str(m), "not valid JSON")
+
+
+def test_manifest_tensor_list_checked_against_the_file(run, dist_info):
+    run_dir, recipe = run
+    m = module_export(run_dir, 1) / "manifest.json"
+    manifest = json.loads(m.read_text())
+    tensors = manifest["modules"][0]["tensors"]
+    tensors["head.weight"] = [tensors["head.weight"][0] + 1, tensors["head.weight"][1]]
+    m.write_text(json.dumps(manifest))
+    refused(recipe, dist_info, str(m), "manifest_sha256")  # an edited manifest fails its own digest
+    manifest["manifest_sha256"] = _self_digest(manifest)  # consistent but wrong: caught against the file
+    m.write_text(json.dumps(manifest))
+    refused(recipe, dist_info, str(module_export(run_dir, 1) / "module-01.safetensors"), "tensors differ")
+
+
+def test_flipped_byte_in_a_manifest_key_is_refused(run, dist_info):
+    """One flipped bit in the top-level key "split" ("rplit") names the manifest, never a bare KeyError."""
+    run_dir, recipe = run
+    m = module_export(run_dir, 1) / "manifest.json"
+    data = bytearray(m.read_bytes())
+    i = data.index(b'\n "split":') + 3  # the top-level key (the recipe inside has one too, indented deeper)
+    data[i] ^= 0x01
+    m.write_bytes(bytes(data))
+    refused(recipe, dist_info, str(m), "split")
+
+
+def test_every_flipped_manifest_byte_is_refused(run):
+    """No single-bit flip anywhere in a manifest is accepted (its own digest covers recipe and metrics)."""
+    run_dir, recipe = run
+    d = module_export(run_dir, 1)
+    original = (d / "manifest.json").read_bytes()
+    accepted = []
+    for i in range(0, len(original), 3):
+        data = bytearray(original)
+        data[i] ^= 0x01
+        (d / "manifest.json").write_bytes(bytes(data))
+        try:
+            verify(d, model_cfg=recipe.model, modules=[1], phase="incubate")
+        except ShardError:
+            continue
+        accepted.append(i)
+    (d / "manifest.json").write_bytes(original)
+    verify(d, model_cfg=recipe.model, modules=[1], phase="incubate")
+    assert not accepted, f"flips at bytes {accepted[:10]} were accepted"
+
+
 def test_meta_shard_refused_before_incubation(run, dist_info):
     run_dir, recipe = run
     f = run_dir / "tiny" / "meta" / "export" / "module-00.safetensors"
@@ -125,8 +195,17 @@ def test_round_trip_and_manifest(tmp_path):
     assert manifest["format_version"] == 1 and manifest["split"] == [1, 2] and manifest["layout"] == [1, 2]
     assert manifest["phase"] == "assemble" and manifest["step"] == 7 and manifest["metrics"] == {"top1": 1.5}
     assert manifest["recipe"]["model"]["embed_dim"] == 32 and manifest["model"]["embed_dim"] == 32
-    assert all(len(e["sha256"]) == 64 for e in manifest["modules"])
-    loaded, _ = load_modules(d, model_cfg=cfg, modules=[0, 1], phase="assemble")
+    assert [e["index"] for e in manifest["modules"]] == [0, 1]
+    for e in manifest["modules"]:
+        assert e["sha256"] == hashlib.sha256((d / e["file"]).read_bytes()).hexdigest()
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("a shard was unpickled")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("load", "loads", "Unpickler"):
+            mp.setattr(pickle, name, no_unpickling)
+        mp.setattr(torch, "load", no_unpickling)
+        loaded, _ = load_modules(d, model_cfg=cfg, modules=[0, 1], phase="assemble")
     for m in (0, 1):
         assert loaded[m].keys() == modules[m].keys()
         assert all(torch.equal(loaded[m][k], modules[m][k]) for k in modules[m])
@@ -137,3 +216,37 @@ def test_round_trip_and_manifest(tmp_path):
     assert "pos_embed" in modules[0] and not any(k.startswith("blocks.1.") for k in modules[0])
     with pytest.raises(ShardError, match="written by phase 'assemble', expected 'incubate'"):
         load_modules(d, model_cfg=cfg, modules=[0], phase="incubate")
+
+
+def test_manifest_is_written_last_and_a_rewrite_is_never_half_complete(tmp_path, monkeypatch):
+    cfg = load_recipe(TINY, [f"run.out_dir={tmp_path}"]).model
+    modules = M.split_modules(M.build_target(cfg), cfg.split)
+    d = tmp_path / "set"
+    kw = dict(model_cfg=cfg, layout=cfg.split, phase="assemble", recipe={}, metrics={})
+    save_shards(d, modules, step=1, **kw)
+    renamed, manifest_seen = [], []
+    real_replace = shards.os.replace
+
+    def replace(src, dst):
+        renamed.append(Path(dst).name)
+        manifest_seen.append((d / "manifest.json").exists())
+        return real_replace(src, dst)
+    monkeypatch.setattr(shards.os, "replace", replace)
+    save_shards(d, modules, step=2, **kw)  # a rewrite of a complete set
+    assert renamed == ["module-00.safetensors", "module-01.safetensors", "manifest.json"]
+    assert manifest_seen == [False, False, False], "the old manifest outlived part of the rewrite"
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "module-00.safetensors", "module-01.safetensors"]
+    assert verify(d, model_cfg=cfg, modules=[0, 1])["step"] == 2
+
+    # a writer that dies between two modules leaves a directory that is not a checkpoint
+    real_save = shards.save_file
+
+    def dies_on_module_1(tensors, path):
+        if "module-01" in str(path):
+            raise KeyboardInterrupt
+        return real_save(tensors, path)
+    monkeypatch.setattr(shards, "save_file", dies_on_module_1)
+    with pytest.raises(KeyboardInterrupt):
+        save_shards(d, modules, step=3, **kw)
+    with pytest.raises(ShardError, match="no manifest.json"):
+        verify(d, model_cfg=cfg, modules=[0, 1])
