@@ -257,10 +257,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise ValueError(f"{path}: {e}") from None
 
 
-def recipe_from_dict(tree: dict) -> Recipe:
-    return _build(Recipe, tree, "")
-
-
 def describe(cls=Recipe, prefix: str = "") -> list[str]:
     """One line per key: dotted name, default and help (used by --help-recipe)."""
     out = []

@@ -64,14 +64,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, info: DistInfo):
-    if info.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=info.group)
-    return box[0]
-
-
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -65,10 +65,6 @@ def owner(name: str, layout: list[int]) -> tuple[int, str]:
     raise AssertionError(f"tensor {name!r} has no owning module; update model._FIRST/_LAST")
 
 
-def module_names(model: nn.Module, layout: list[int], m: int) -> list[str]:
-    return [n for n in model.state_dict() if owner(n, layout)[0] == m]
-
-
 def module_state(model: nn.Module, layout: list[int], m: int) -> dict[str, torch.Tensor]:
     """Module m's tensors under module-local names (detached, contiguous CPU copies)."""
     out = {}
@@ -87,8 +83,8 @@ def global_name(local: str, layout: list[int], m: int) -> str:
 
 
 def expected_module_shapes(model: nn.Module, layout: list[int], m: int) -> dict[str, tuple]:
-    return {owner(n, layout)[1]: tuple(t.shape) for n, t in model.state_dict().items()
-            if owner(n, layout)[0] == m}
+    owned = ((owner(n, layout), t) for n, t in model.state_dict().items())
+    return {local: tuple(t.shape) for (mod, local), t in owned if mod == m}
 
 
 @torch.no_grad()
