@@ -136,7 +136,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info:
          marker: dict | None = None) -> None:
     """Every rank saves (its own RNG too); then the main rank marks the step complete and prunes."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
-    torch.save(torch.get_rng_state(), _rng_file(ckpt_dir, step, info.rank))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, _rng_file(ckpt_dir, step, info.rank))
     barrier(info)
     if info.is_main:
         (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, **(marker or {})}))
@@ -161,5 +164,8 @@ def load(engine, ckpt_dir: Path, step: int, info: DistInfo) -> dict:
                            "move it aside to restart the phase from the previous one")
     rng = _rng_file(ckpt_dir, step, info.rank)
     if rng.is_file():  # absent when the world size changed: this rank keeps its fresh seed
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+        state = torch.load(rng, weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
     return client

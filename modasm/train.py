@@ -33,7 +33,7 @@ def request_stop(*_):
 
 def stop_requested(info: DistInfo) -> bool:
     """True on every rank when any rank was asked to stop (they must checkpoint together)."""
-    flag = torch.tensor([1.0 if _STOP["requested"] else 0.0])
+    flag = torch.tensor([1.0 if _STOP["requested"] else 0.0], device=info.device)  # NCCL needs device tensors
     if info.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
     stop = bool(flag.item())
@@ -72,15 +72,13 @@ def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32) 
     """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct@1, correct@5, loss sum, count
     for x, y in loader:
         x, y = x.to(info.device, dtype), y.to(info.device)
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += (top[:, 0] == y).sum().item()
-        sums[1] += (top == y[:, None]).any(1).sum().item()
-        sums[2] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[3] += len(y)
+        sums += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
+                             F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=y.device)]).double()
     all_reduce_sum(sums, info)
     model.train(was_training)
     n = sums[3].item()
