@@ -11,7 +11,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast lint clean
+.PHONY: setup data demo test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
