@@ -99,6 +99,19 @@ class PhaseConfig:
 
 
 @dataclass
+class IncubateConfig(PhaseConfig):
+    """Incubation: the phase's optimisation plus how its K jobs are farmed out."""
+    groups: int = _f(0, "Module groups the launch's ranks form (farm mode): group g incubates its share of "
+                     "the K modules (longest first) on its own ranks. 0: as many as fit (the largest G <= K "
+                     "dividing the number of ranks). Ignored with --module k (array mode).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.groups < 0:
+            raise ValueError(f"incubate.groups must be >= 0 (0: automatic), got {self.groups}")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3.")
     precision: str = _f("fp32", "'fp32' or 'bf16' (DeepSpeed keeps fp32 master weights for bf16).")
@@ -144,7 +157,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     meta: PhaseConfig = _phase(epochs=300)
-    incubate: PhaseConfig = _phase(epochs=100)
+    incubate: IncubateConfig = field(default_factory=lambda: IncubateConfig(epochs=100),
+                                     metadata={"help": "phase optimisation + farming"})
     assemble: PhaseConfig = _phase(epochs=100, warmup_epochs=0.0, clip_grad=1.0)
     e2e: PhaseConfig = _phase(epochs=300)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -275,7 +289,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
 _INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size"}
-_INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs"}
+_INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
+                "groups"}  # how incubation is farmed out does not change a module's result
 _UPSTREAM = {"meta": ("meta",), "incubate": ("meta", "incubate"),
              "assemble": ("meta", "incubate", "assemble"), "e2e": ("e2e",)}
 

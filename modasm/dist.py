@@ -1,7 +1,13 @@
 """Process groups in one place: init from torchrun (or a lone process), rank helpers, device.
 
 One process or ``torchrun --nproc-per-node=N``: both go through ``init()``. On CPU the backend is
-gloo, on GPU NCCL. (Rank groups for farming incubation across a (module, dp) mesh plug in here.)
+gloo, on GPU NCCL.
+
+Farming incubation (``split_world``): the W ranks of the launch form G module groups of W/G consecutive
+ranks (a (module, dp) layout; consecutive, so a group of 8 GPUs is one node). Each rank then *replaces*
+its default process group with its group's, on the launch's own store: every collective from then on,
+ours and DeepSpeed's (its checkpoint barriers and rank-0 writes use the world group and the global
+rank), is confined to the group by construction, so groups never wait on each other.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ class DistInfo:
     local_rank: int
     device: torch.device
     group: object = None  # the data-parallel group of this rank (None: the default world group)
+    module_group: int = 0   # index g of this rank's module group (farmed incubation), else 0
+    module_groups: int = 1  # G
+    global_rank: int = -1   # rank in the launch (before a split); -1: same as rank
 
     @property
     def is_main(self) -> bool:
@@ -51,6 +60,33 @@ def init() -> DistInfo:
         extra = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1) if lone else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **extra)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def default_groups(K: int, world: int) -> int:
+    """As many groups as fit: the largest G <= K that divides the world (one module per group when W >= K)."""
+    return max(g for g in range(1, min(K, world) + 1) if world % g == 0)
+
+
+def split_world(info: DistInfo, groups: int) -> DistInfo:
+    """Turn this rank's world into its module group's (see the module docstring); returns the group's view.
+
+    Collective over the launch once (all ranks must call it with the same ``groups``); never after.
+    """
+    if groups < 1 or info.world % groups:
+        raise ValueError(f"incubate.groups={groups} must divide the number of ranks ({info.world}); "
+                         f"valid: {', '.join(str(g) for g in range(1, info.world + 1) if info.world % g == 0)}")
+    if groups == 1:
+        return DistInfo(**{**info.__dict__, "global_rank": info.rank})
+    size = info.world // groups
+    g, rank = divmod(info.rank, size)
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()  # every rank has the store before the world group goes away
+    backend = dist.get_backend()
+    dist.destroy_process_group()
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"modasm/module-group-{g}", store),
+                            rank=rank, world_size=size, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world=size, local_rank=info.local_rank, device=info.device,
+                    module_group=g, module_groups=groups, global_rank=info.rank)
 
 
 def barrier(info: DistInfo | None = None) -> None:

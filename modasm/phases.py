@@ -14,9 +14,10 @@ import torch
 from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
+from . import dist
 from .dist import DistInfo
 from .metrics import MetricsLog, WandbRun, wandb_mode
-from .shards import load_modules, read_manifest, save_shards
+from .shards import ShardError, load_modules, read_manifest, save_shards
 from .train import Job, finished, train
 
 
@@ -121,6 +122,13 @@ def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
 
 def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
     """All K incubated modules, each verified (hash, split, width, module index) before use."""
+    missing = [k for k in range(recipe.model.K) if read_manifest(export_dir(recipe, "incubate", k)) is None]
+    if missing:
+        raise ShardError(
+            f"incubation is not complete: module(s) {missing} of K={recipe.model.K} have no shard set "
+            f"({export_dir(recipe, 'incubate', missing[0])}/manifest.json is missing). Incubate them first: "
+            f"`python launch/incubate.py RECIPE --module {missing[0]}` (Slurm: `sbatch --array="
+            f"{','.join(map(str, missing))} slurm/incubate.sh RECIPE`), then re-run this command")
     modules = {}
     for k in range(recipe.model.K):
         got, _ = load_modules(export_dir(recipe, "incubate", k), model_cfg=recipe.model, modules=[k],
@@ -151,19 +159,60 @@ def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
                  *data, info)
 
 
-def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) -> dict[int, dict]:
-    """Incubate one module (array mode) or all K in turn; returns metrics per module."""
-    todo = [module] if module is not None else list(range(recipe.model.K))
-    data = _cached_datasets(recipe)
-    return {k: run_incubate(recipe, k, info, data) for k in todo}
+def module_cost(split: list[int], k: int) -> int:
+    """Relative cost of incubating module k: blocks in its hybrid (its d_k blocks + the K-1 meta blocks).
 
+    Every hybrid runs the same K-1 frozen meta blocks, so the trained module's depth decides which job is
+    longest; equal depths cost the same.
+    """
+    return split[k] + len(split) - 1
+
+
+def deal(split: list[int], groups: int) -> list[list[int]]:
+    """Modules per group, longest first onto the least-loaded group (LPT: the slowest group finishes as
+    early as this greedy rule allows, within 4/3 of optimal). Equal depths give g, g+G, g+2G, ..."""
+    load, out = [0] * groups, [[] for _ in range(groups)]
+    for k in sorted(range(len(split)), key=lambda k: (-module_cost(split, k), k)):
+        g = min(range(groups), key=lambda g: (load[g], g))
+        out[g].append(k)
+        load[g] += module_cost(split, k)
+    return out
+
+
+def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) -> dict[int, dict]:
+    """Array mode (``module`` = k): all ranks incubate module k. Farm mode: the ranks split into module
+    groups (recipe ``incubate.groups``), each incubating its dealt modules in turn, independently.
+
+    Returns metrics per module this rank took part in; stops early when a module was interrupted.
+    """
+    K = recipe.model.K
+    if module is not None:
+        return {module: run_incubate(recipe, module, info)}
+    G = recipe.incubate.groups or dist.default_groups(K, info.world)
+    if G > K:
+        raise ValueError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
+    info = dist.split_world(info, G)
+    mine = deal(recipe.model.split, G)[info.module_group]
+    if info.is_main:
+        first = info.global_rank - info.rank
+        print(f"[incubate] group {info.module_group + 1}/{G} (ranks {first}-{first + info.world - 1}): "
+              f"modules {mine}", flush=True)
+    data = _cached_datasets(recipe)
+    results = {}
+    for k in mine:
+        results[k] = run_incubate(recipe, k, info, data)
+        if results[k].get("interrupted"):
+            break
+    return results
 
 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
     data = _cached_datasets(recipe)
-    run_meta(recipe, info, data)
+    if run_meta(recipe, info, data).get("interrupted"):
+        return
     for k in range(recipe.model.K):
-        run_incubate(recipe, k, info, data)
-    run_assemble(recipe, info, data)
-    run_e2e(recipe, info, data)
+        if run_incubate(recipe, k, info, data).get("interrupted"):
+            return
+    if not run_assemble(recipe, info, data).get("interrupted"):
+        run_e2e(recipe, info, data)

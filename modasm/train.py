@@ -7,6 +7,7 @@ resumes from its newest complete checkpoint at the exact batch.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,9 +32,19 @@ def request_stop(*_):
     _STOP["requested"] = True
 
 
+STOP_FILE_ENV = "MODASM_STOP_FILE"
+
+
 def stop_requested(info: DistInfo) -> bool:
-    """True on every rank when any rank was asked to stop (they must checkpoint together)."""
-    flag = torch.tensor([1.0 if _STOP["requested"] else 0.0], device=info.device)  # NCCL needs device tensors
+    """True on every rank when any rank was asked to stop (they must checkpoint together).
+
+    Asked = SIGUSR1 reached this process, or the file named by $MODASM_STOP_FILE exists (what the Slurm
+    scripts touch when the batch shell gets the time-limit signal; it reaches ranks under torchrun on
+    every node, which a signal to the batch shell does not).
+    """
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    asked = _STOP["requested"] or bool(stop_file and os.path.exists(stop_file))
+    flag = torch.tensor([1.0 if asked else 0.0], device=info.device)  # NCCL needs device tensors
     if info.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
     stop = bool(flag.item())

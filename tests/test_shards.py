@@ -64,13 +64,14 @@ def test_flipped_byte_is_refused(run, dist_info):
 def test_missing_module_is_refused(run, dist_info):
     run_dir, recipe = run
     shutil.rmtree(run_dir / "tiny" / "incubate" / "module-01")
-    refused(recipe, dist_info, str(module_export(run_dir, 1)), "does not exist")
+    refused(recipe, dist_info, str(module_export(run_dir, 1)), "module(s) [1] of K=2", "--module 1",
+            "sbatch --array=1 slurm/incubate.sh")
 
 
 def test_missing_manifest_is_not_a_checkpoint(run, dist_info):
     run_dir, recipe = run
     (module_export(run_dir, 0) / "manifest.json").unlink()  # as after a writer killed mid-way
-    refused(recipe, dist_info, str(module_export(run_dir, 0)), "no manifest.json")
+    refused(recipe, dist_info, str(module_export(run_dir, 0) / "manifest.json"), "module(s) [0]", "is missing")
 
 
 def test_shard_of_another_split_is_refused(run, runs, dist_info):
