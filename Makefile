@@ -9,6 +9,8 @@ TORCH  ?= torch==2.9.1 torchvision==0.24.1
 else
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
+# Everything runs as in the activated venv (its ninja builds DeepSpeed's JIT ops, as in the Slurm jobs).
+export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
 .PHONY: setup data demo test test-fast clean

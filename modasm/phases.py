@@ -194,9 +194,9 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
     info = dist.split_world(info, G)
     mine = deal(recipe.model.split, G)[info.module_group]
     if info.is_main:
-        first = info.global_rank - info.rank
-        print(f"[incubate] group {info.module_group + 1}/{G} (ranks {first}-{first + info.world - 1}): "
-              f"modules {mine}", flush=True)
+        first, last = info.global_rank - info.rank, info.global_rank - info.rank + info.world - 1
+        ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        print(f"[incubate] group {info.module_group + 1}/{G} ({ranks}): modules {mine}", flush=True)
     data = _cached_datasets(recipe)
     results = {}
     for k in mine:

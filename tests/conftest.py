@@ -7,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# As in an activated venv (and in the Slurm jobs): the venv's ninja builds DeepSpeed's JIT ops. Another
+# ninja on PATH keeps another build log, and each switch recompiles them (~50 s on 2 cores).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture

@@ -1,0 +1,156 @@
+"""The slurm/ scripts against a real one-node Slurm (slurmctld + slurmd + munge, fake GPUs as gres).
+
+The cluster comes from ../shared/slurm-local (or $SLURM_LOCAL_DIR); it needs root. Jobs run on CPU:
+each fake GPU Slurm hands a job becomes one gloo rank.
+"""
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, launch_env
+from modasm import phases
+from modasm.config import fingerprint, load_recipe
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+SLURM_LOCAL = Path(os.environ.get("SLURM_LOCAL_DIR", ROOT.parent / "shared" / "slurm-local"))
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm tests start a local cluster and need root; run as root or deselect: -m 'not slurm'")
+    start = SLURM_LOCAL / "start.sh"
+    assert start.is_file(), f"{start} is missing; set SLURM_LOCAL_DIR to the slurm-local directory"
+    res = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    yield
+    if "already running" not in res.stdout:  # leave a cluster someone else started alone
+        subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh")], capture_output=True, timeout=120)
+
+
+def slurm_env(gpus=2):
+    # each job: `gpus` fake GPUs = ranks, 1 CPU each (the cluster has 8 CPUs and 4 GPUs)
+    return launch_env(SBATCH_GPUS_PER_NODE=str(gpus), SBATCH_CPUS_PER_GPU="1", MODASM_ROOT=str(ROOT))
+
+
+def job_states(job: str) -> dict[str, dict]:
+    """JobId -> fields of every job (array task) of ``job``, from `scontrol show job -o`."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    jobs = {}
+    for line in out.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "JobId" in fields:
+            jobs[fields["JobId"]] = fields
+    return jobs
+
+
+def wait(jobs: list[str], timeout: float = 900) -> dict[str, list[dict]]:
+    deadline = time.time() + timeout
+    while True:
+        states = {j: list(job_states(j).values()) for j in jobs}
+        if all(s and all(t["JobState"] in DONE for t in s) for s in states.values()):
+            return states
+        assert time.time() < deadline, f"jobs not finished in {timeout} s: " + json.dumps(
+            {j: [(t["JobId"], t["JobState"], t.get("Reason")) for t in s] for j, s in states.items()})
+        time.sleep(1)
+
+
+def state(states, job) -> str:
+    return ",".join(sorted({t["JobState"] for t in states[job]}))
+
+
+def pipeline(*args, env=None):
+    res = subprocess.run([str(ROOT / "slurm" / "pipeline.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env or slurm_env(), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    names = ["meta", "incubate", "assemble", "e2e", "report", "check"]
+    got = {n: m.group(1) for n in names if (m := re.search(rf"^  {n}\s+(\d+)", res.stdout, re.M))}
+    return res.stdout, got
+
+
+def test_pipeline_sh_runs_every_phase(cluster, tmp_path):
+    out, jobs = pipeline(str(TINY), f"run.out_dir={tmp_path}")
+    run = tmp_path / "tiny"
+    assert f"logs:    {run / 'slurm'}/" in out and "report.md" in out
+    states = wait(list(jobs.values()))
+    logs = "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+    for name in ("meta", "incubate", "assemble", "e2e", "report"):
+        assert state(states, jobs[name]) == "COMPLETED", f"{name}: {states[jobs[name]]}\n{logs[-4000:]}"
+    assert state(states, jobs["check"]) == "CANCELLED"  # nothing failed: the check job never ran
+    incubate_log = next((run / "slurm").glob("incubate-*.out")).read_text()
+    assert "group 1/2 (rank 0): modules [1]" in incubate_log  # farmed: K=2 modules over 2 ranks
+    assert "group 2/2 (rank 1): modules [0]" in incubate_log
+    for phase in ("meta", "incubate/module-00", "incubate/module-01", "assemble", "e2e"):
+        manifest = json.loads((run / phase / "export" / "manifest.json").read_text())
+        assert manifest["metrics"]["eval_samples"] == 256, phase
+        assert any('"kind": "done"' in line for line in (run / phase / "metrics.jsonl").read_text().splitlines())
+    assert json.loads((run / "assemble" / "export" / "manifest.json").read_text())["metrics"]["world"] == 2
+    assert "assembled (after fine-tune)" in (run / "report" / "report.md").read_text()
+    assert "E2E baseline" in next((run / "slurm").glob("report-*.out")).read_text()
+
+
+@pytest.fixture
+def with_meta(tmp_path, dist_info):
+    recipe = load_recipe(TINY, [f"run.out_dir={tmp_path}"])
+    phases.run_meta(recipe, dist_info)
+    return tmp_path
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, with_meta):
+    """The time-limit signal (B:USR1) to a running incubation: checkpoint, requeue, resume, finish."""
+    run = with_meta / "tiny"
+    log = with_meta / "incubate.out"
+    ov = [f"run.out_dir={with_meta}", "data.train_limit=8192", "incubate.epochs=2", "incubate.log_every_steps=1"]
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/incubate.sh", str(TINY), *ov],
+                         cwd=ROOT, env=slurm_env(gpus=1), capture_output=True, text=True, check=True).stdout.strip()
+    metrics = run / "incubate" / "module-01" / "metrics.jsonl"  # K=2 on one rank: module 1 (deeper) first
+    deadline = time.time() + 300
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    states = wait([job])
+    text = log.read_text()
+    assert state(states, job) == "COMPLETED", text[-4000:]
+    assert states[job][0]["Restarts"] == "1"
+    assert "restart 0:" in text and "restart 1:" in text  # SLURM_RESTART_COUNT of each run
+    saved = re.search(r"\[incubate\[1\]\] stop requested: saved step (\d+)", text)
+    assert saved, text[-4000:]
+    assert f"[incubate[1]] resuming from step {saved.group(1)}/256" in text
+    assert "[incubate[0]]" not in text[:text.index("restart 1:")]  # the stop ended the job, not only module 1
+    for k in (0, 1):
+        assert (run / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").exists()
+    assert not any((ROOT / "runs" / ".stop").glob(f"job-{job}"))
+
+
+def test_failed_array_task_keeps_assemble_from_running(cluster, with_meta):
+    """Array mode: module 1's job fails (a stale checkpoint of other settings in its directory)."""
+    other = fingerprint(load_recipe(TINY, ["incubate.lr=0.5"]).to_dict(), "incubate")
+    stale = with_meta / "tiny" / "incubate" / "module-01" / "ckpt" / "step-00000004"
+    stale.mkdir(parents=True)
+    (stale / "COMPLETE").write_text(json.dumps({"step": 4, "fingerprint": other}))
+    out, jobs = pipeline("--array", "--no-e2e", str(TINY), f"run.out_dir={with_meta}")
+    assert "e2e" not in jobs and "(array 0-1)" in out
+    states = wait(list(jobs.values()))
+    tasks = {t["ArrayTaskId"]: t["JobState"] for t in states[jobs["incubate"]]}
+    assert tasks == {"0": "COMPLETED", "1": "FAILED"}
+    assert state(states, jobs["meta"]) == "COMPLETED"  # already done: a no-op
+    for name in ("assemble", "report"):
+        assert state(states, jobs[name]) == "CANCELLED"
+        assert states[jobs[name]][0]["Reason"] == "DependencyNeverSatisfied"
+    assert not (with_meta / "tiny" / "assemble").exists()
+    logs = with_meta / "tiny" / "slurm"
+    task_log = (logs / f"incubate-{jobs['incubate']}_1.out").read_text()
+    assert "was made with other settings (incubate.lr: 0.5 -> 0.002)" in task_log
+    check = (logs / f"check-{jobs['check']}.out").read_text()
+    assert state(states, jobs["check"]) == "FAILED"  # the check job ran, said what is missing, exited 1
+    assert "incubate[1] not started" not in check and "incubate[1] resumable at step 4" in check
+    assert "incubate[0]" not in check.split("not complete:")[1].split("\n")[0]
+    assert f"sbatch --array=1 slurm/incubate.sh {TINY} run.out_dir={with_meta}" in check
+    assert "then assemble and fine-tune: sbatch slurm/assemble.sh" in check
