@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast clean
+.PHONY: setup data demo test test-fast bench-farm clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -44,6 +44,11 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# each module group's incubation throughput alone vs all groups at once (docs/benchmarks.md)
+bench-farm: setup data
+	$(BIN)/python benchmarks/bench_farm.py --groups 2 --ranks-per-group 1
+	$(BIN)/python benchmarks/bench_farm.py --groups 2 --ranks-per-group 2
 
 clean:
 	rm -rf runs .pytest_cache

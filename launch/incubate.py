@@ -1,7 +1,10 @@
 """Phase 2: incubate modules inside the frozen meta model.
 
     python launch/incubate.py RECIPE [--module k] [a.b=c ...]
-Without --module (and without SLURM_ARRAY_TASK_ID) every module is incubated in turn.
+    torchrun --nproc-per-node=N launch/incubate.py RECIPE [incubate.groups=G]
+Farm mode (no --module): the ranks form G module groups (default: as many as fit) that incubate their
+share of the K modules at the same time, each group data-parallel on its own ranks; one process trains
+all K in turn. Array mode (--module k, or SLURM_ARRAY_TASK_ID): all ranks train module k.
 """
 import os
 

@@ -42,8 +42,8 @@ def stop_requested(info: DistInfo) -> bool:
     scripts touch when the batch shell gets the time-limit signal; it reaches ranks under torchrun on
     every node, which a signal to the batch shell does not).
     """
-    stop_file = os.environ.get(STOP_FILE_ENV)
-    asked = _STOP["requested"] or bool(stop_file and os.path.exists(stop_file))
+    stop_file = os.environ.get(STOP_FILE_ENV)  # one stat per step, on the group's first rank only
+    asked = _STOP["requested"] or bool(info.rank == 0 and stop_file and os.path.exists(stop_file))
     flag = torch.tensor([1.0 if asked else 0.0], device=info.device)  # NCCL needs device tensors
     if info.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
