@@ -37,7 +37,8 @@ modasm_launch() {
        "restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE rank(s): $*"
   MODASM_REQUEUE=0
   trap 'echo "[slurm] USR1: asking the ranks to checkpoint; the job requeues itself"; touch "$MODASM_STOP_FILE"; MODASM_REQUEUE=1' USR1
-  srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
+  # one torchrun per node, given all of the node's CPUs (srun does not inherit sbatch's per-task CPUs)
+  srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
     torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" "$@" &
   local pid=$! rc=0
