@@ -80,8 +80,8 @@ class DataConfig:
                             "(dealt to its workers); the batch sequence depends on it, not on num_workers.")
     shuffle_buffer: int = _f(2000, "webdataset: samples held per stream to shuffle them (raw bytes, not decoded).")
     max_bad_fraction: float = _f(0.001, "Stop with an error when more than this fraction of the samples read so far "
-                                 "(train or eval) was unreadable (truncated image, missing label); fewer are skipped "
-                                 "and counted in the metrics.")
+                                 "(at least one epoch's worth; train or eval) was unreadable (truncated image, missing "
+                                 "label); fewer are skipped and counted in the metrics (bad_samples).")
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:

@@ -190,7 +190,8 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
                   trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in job.model.parameters()))
     clock = CostClock(info.world, state["wall_seconds"], state["device_seconds"], job.base_hours)
-    health = DataHealth(job.max_bad_fraction, state["samples_read"], state["bad_samples"])
+    health = DataHealth(job.max_bad_fraction, state["samples_read"], state["bad_samples"],
+                        epoch=steps_per_epoch * cfg.accum_steps * micro * info.world)
     mixup = SeededMixup(job.aug, cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
 
     def checkpoint():
