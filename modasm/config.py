@@ -61,17 +61,89 @@ DATA_SOURCES = ("fashion-mnist", "imagefolder", "webdataset")
 
 @dataclass
 class DataConfig:
-    source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset); "
-                     "'imagefolder' and 'webdataset' (ImageNet scale) are declared for the data issue.")
-    root: str = _f("/usr/share/datasets/fashion-mnist", "Directory holding the source's files.")
+    source: str = _f("fashion-mnist", "Where samples come from: 'fashion-mnist' (the embedded dataset), 'imagefolder' "
+                     "(<root>/train/<class>/<image> and <root>/val/<class>/<image>) or 'webdataset' (tar shards "
+                     "made by launch/make_shards.py, read as streams).")
+    root: str = _f("/usr/share/datasets/fashion-mnist", "fashion-mnist: directory of the idx files; imagefolder: the "
+                   "directory holding train/ and val/; webdataset: the directory of train-index.json, val-index.json "
+                   "and classes.json (and of the shards unless data.train_shards / data.val_shards say otherwise).")
+    train_shards: str = _f("", "webdataset: training shards as a brace pattern or pipe: URL, e.g. "
+                           "'pipe:curl -s https://host/train-{000000..001281}.tar' (empty: the shards in data.root).")
+    val_shards: str = _f("", "webdataset: validation shards, like data.train_shards (empty: the shards in data.root).")
+    fraction: float = _f(1.0, "Train on this fraction of every class (e.g. 0.25): a deterministic subset chosen by a "
+                         "hash of each sample's key, the same for every seed and source; 1.0: all.")
     train_limit: int = _f(0, "Use only the first N training samples of a seeded permutation (0: all).")
     eval_limit: int = _f(0, "Evaluate on only the first N validation samples (0: all; for quick tests).")
     eval_batch_size: int = _f(512, "Global batch size for evaluation.")
-    num_workers: int = _f(0, "DataLoader worker processes per rank.")
+    num_workers: int = _f(0, "DataLoader worker processes per rank (webdataset: must divide data.stream_splits).")
+    stream_splits: int = _f(8, "webdataset: each rank reads its share of an epoch as this many contiguous streams "
+                            "(dealt to its workers); the batch sequence depends on it, not on num_workers.")
+    shuffle_buffer: int = _f(2000, "webdataset: samples held per stream to shuffle them (raw bytes, not decoded).")
+    max_bad_fraction: float = _f(0.001, "Stop with an error when more than this fraction of the samples read so far "
+                                 "(at least one epoch's worth; train or eval) was unreadable (truncated image, missing "
+                                 "label); fewer are skipped and counted in the metrics (bad_samples).")
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        for k in ("stream_splits", "shuffle_buffer"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"data.{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation of the image sources (imagefolder, webdataset), all through timm.
+
+    The defaults are plain (random-resized crop and flip, nothing else); the ImageNet recipes set the
+    DeiT recipe. fashion-mnist keeps its own fixed transform; only mixup/cutmix apply to it (at batch level).
+    """
+    rand_augment: str = _f("", "timm auto-augment string, e.g. 'rand-m9-mstd0.5-inc1' (DeiT); empty: none.")
+    color_jitter: float = _f(0.0, "Colour jitter strength (timm turns it off when RandAugment is on).")
+    interpolation: str = _f("bicubic", "Resize interpolation for training crops and evaluation: 'bicubic', "
+                            "'bilinear', 'random' (train only).")
+    scale: list = _f([0.08, 1.0], "RandomResizedCrop area range (fraction of the image).")
+    ratio: list = _f([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range.")
+    hflip: float = _f(0.5, "Horizontal flip probability.")
+    crop_pct: float = _f(0.875, "Evaluation: resize the short side to img_size / crop_pct, then centre-crop img_size.")
+    re_prob: float = _f(0.0, "Random erasing probability (DeiT: 0.25).")
+    re_mode: str = _f("pixel", "Random erasing fill: 'pixel' (per-pixel normal), 'rand' (per channel) or 'const'.")
+    re_count: int = _f(1, "Random erasing: regions per image.")
+    mixup: float = _f(0.0, "Mixup alpha (DeiT: 0.8); > 0 turns on soft targets and timm's SoftTargetCrossEntropy.")
+    cutmix: float = _f(0.0, "CutMix alpha (DeiT: 1.0).")
+    mixup_prob: float = _f(1.0, "Probability of applying mixup or cutmix to a batch.")
+    mixup_switch_prob: float = _f(0.5, "Probability of cutmix instead of mixup when both are on.")
+    mixup_mode: str = _f("batch", "timm Mixup mode: 'batch', 'pair' or 'elem'.")
+    repeated_aug: int = _f(1, "Repeated augmentation: each drawn sample appears this many times per epoch with "
+                           "different augmentations (DeiT: 3); the epoch length stays the dataset size.")
+
+    def __post_init__(self):
+        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.mixup_prob <= 1:
+            raise ValueError(f"aug.mixup/aug.cutmix must be >= 0 and aug.mixup_prob in [0, 1], got "
+                             f"{self.mixup}/{self.cutmix}/{self.mixup_prob}")
+        if self.mixup_mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"aug.mixup_mode must be 'batch', 'pair' or 'elem', got {self.mixup_mode!r}")
+        if self.re_mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"aug.re_mode must be 'pixel', 'rand' or 'const', got {self.re_mode!r}")
+        if self.repeated_aug < 1:
+            raise ValueError(f"aug.repeated_aug must be >= 1, got {self.repeated_aug}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"aug.crop_pct must be in (0, 1], got {self.crop_pct}")
+        for k in ("scale", "ratio"):
+            v = getattr(self, k)
+            if len(v) != 2 or not all(isinstance(a, (int, float)) and a > 0 for a in v) or v[0] > v[1]:
+                raise ValueError(f"aug.{k} must be [low, high] with 0 < low <= high, got {v!r}")
+        if self.rand_augment and not self.rand_augment.startswith(("rand", "augmix", "original", "v0", "3a")):
+            raise ValueError(f"aug.rand_augment={self.rand_augment!r} is not a timm auto-augment string, e.g. "
+                             "'rand-m9-mstd0.5-inc1'")
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
 @dataclass
@@ -86,7 +158,8 @@ class PhaseConfig:
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms and embeddings).")
     clip_grad: float = _f(0.0, "Clip the global gradient norm to this value (0: off).")
     drop_path: float = _f(0.1, "Stochastic depth rate, linear over the trained model's depth.")
-    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss (with aug.mixup/cutmix: of the "
+                                "mixed soft targets).")
     eval_every_epochs: int = _f(1, "Evaluate every N epochs (and always after the last).")
     ckpt_every_steps: int = _f(0, "Save resume state every N optimizer steps (0: at epoch ends only).")
     keep_ckpts: int = _f(2, "Resume checkpoints kept per phase (older complete ones are removed).")
@@ -156,6 +229,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     meta: PhaseConfig = _phase(epochs=300)
     incubate: IncubateConfig = field(default_factory=lambda: IncubateConfig(epochs=100),
                                      metadata={"help": "phase optimisation + farming"})
@@ -288,7 +362,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- what a phase's result depends on
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
-_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size"}
+_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size", "data.train_shards",
+          "data.val_shards", "data.max_bad_fraction"}
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
                 "groups"}  # how incubation is farmed out does not change a module's result
 _UPSTREAM = {"meta": ("meta",), "incubate": ("meta", "incubate"),
@@ -315,5 +390,12 @@ def fingerprint(recipe: dict, section: str) -> dict:
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    """Keys whose values differ; a key one side lacks counts as its schema default (keys added later)."""
+    defaults = flatten(Recipe().to_dict())
+    unset = object()
+
+    def get(fp, k):
+        return fp.get(k, defaults.get(k, unset))
+    show = lambda v: "(unset)" if v is unset else repr(v)  # noqa: E731
+    return [f"{k}: {show(get(old, k))} -> {show(get(new, k))}"
+            for k in sorted(set(old) | set(new)) if get(old, k) != get(new, k)]

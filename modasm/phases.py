@@ -43,7 +43,8 @@ def _exporter(recipe: Recipe, phase: str, layout: list[int], out: Path, only: in
 
 def _cached_datasets(recipe: Recipe):
     """A zero-argument loader that reads the datasets on first call only (phases with work to do)."""
-    return functools.lru_cache(maxsize=1)(lambda: build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed))
+    return functools.lru_cache(maxsize=1)(lambda: build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed,
+                                                                   recipe.aug))
 
 
 def _datasets(recipe: Recipe, data):
@@ -74,7 +75,8 @@ def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> 
     return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
                eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section),
-               base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out))
+               base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out),
+               aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction)
 
 
 def _finished(recipe: Recipe, section: str, out: Path, label: str, info: DistInfo) -> dict | None:

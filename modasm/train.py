@@ -15,11 +15,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
 from . import engine as ds
-from .config import DeepSpeedConfig, PhaseConfig, fingerprint_changes
+from .config import AugConfig, DeepSpeedConfig, PhaseConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
-from .data import eval_loader, train_loader
+from .data import Batch, DataHealth, SeededMixup, check_bad, eval_loader, set_epoch, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
 from .metrics import CostClock, MetricsLog, Throughput, fmt_eta
 from .shards import read_manifest
@@ -68,6 +69,9 @@ class Job:
     fingerprint: dict | None = None  # recipe keys the result depends on; checked on re-run and resume
     base_hours: float = 0.0          # device-hours the pipeline spent before this phase (cost axis)
     make_log: Callable[[DistInfo], MetricsLog] | None = None  # JSON lines (+ W&B) of this phase
+    aug: AugConfig | None = None     # mixup/cutmix (soft targets) when it says so
+    num_classes: int = 0             # of the soft targets (mixup)
+    max_bad_fraction: float = 0.001  # stop when more of the samples read were unreadable
 
     @property
     def ckpt_dir(self) -> Path:
@@ -79,22 +83,53 @@ class Job:
 
 
 @torch.no_grad()
-def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32) -> dict:
-    """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once."""
+def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
+             max_bad_fraction: float | None = None) -> dict:
+    """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once.
+
+    Unreadable samples are skipped and counted (``eval_bad_samples``); past ``max_bad_fraction`` of
+    the samples read, a ValueError.
+    """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct@1, correct@5, loss sum, count
-    for x, y in loader:
-        x, y = x.to(info.device, dtype), y.to(info.device)
+    sums = torch.zeros(5, dtype=torch.float64, device=info.device)  # correct@1, correct@5, loss sum, count, bad
+    examples = []
+    for batch in loader:
+        if batch.bad:
+            sums[4] += len(batch.bad)
+            examples += batch.bad[:1]
+        if batch.x is None:
+            continue
+        x, y = batch.x.to(info.device, dtype), batch.y.to(info.device)
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
-                             F.cross_entropy(logits, y, reduction="sum"), torch.tensor(len(y), device=y.device)]).double()
+        sums[:4] += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, y, reduction="sum"),
+                                 torch.tensor(len(y), device=y.device)]).double()
     all_reduce_sum(sums, info)
     model.train(was_training)
-    n = sums[3].item()
+    n, bad = sums[3].item(), int(sums[4].item())
+    if max_bad_fraction is not None:
+        check_bad(bad, int(n) + bad, max_bad_fraction, "validation", examples)
+    n = max(n, 1)
     return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
-            "eval_loss": sums[2].item() / n, "eval_samples": int(n)}
+            "eval_loss": sums[2].item() / n, "eval_samples": int(sums[3].item()), "eval_bad_samples": bad}
+
+
+def _blank(model: torch.nn.Module, info: DistInfo, dtype) -> torch.Tensor:
+    """One zero image of the model's input shape (a micro-batch whose samples were all unreadable)."""
+    pe = model.patch_embed
+    return torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=info.device, dtype=dtype)
+
+
+def _loss(eng, batch: Batch, cfg: PhaseConfig, mixup: SeededMixup | None, mix_seed: int, info: DistInfo, dtype):
+    if batch.x is None:  # a zero-weight step keeps this rank in lockstep with the others (DeepSpeed collectives)
+        return eng(_blank(eng.module, info, dtype)).float().sum() * 0.0
+    x, y = batch.x.to(info.device), batch.y.to(info.device)
+    if mixup is None:
+        return F.cross_entropy(eng(x.to(dtype)).float(), y, label_smoothing=cfg.label_smoothing)
+    x, soft = mixup(x, y, mix_seed)  # mixed in fp32, smoothing inside the soft targets
+    return SoftTargetCrossEntropy()(eng(x.to(dtype)).float(), soft)
 
 
 def _refuse_changes(old: dict | None, new: dict | None, what: Path, out: Path) -> None:
@@ -153,10 +188,11 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
 
 def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoch, total) -> dict:
     cfg = job.cfg
-    state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None}
+    state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None, "samples_read": 0,
+             "bad_samples": 0}
     if newest is not None:
         client = ds.load(eng, job.ckpt_dir, newest[0], info)
-        state.update({k: client[k] for k in state})
+        state.update({k: client.get(k, state[k]) for k in state})
         log.say(f"resuming from step {state['step']}/{total} ({job.ckpt_dir / ds.tag(state['step'])})")
     else:
         torch.manual_seed(job.seed + 1000 * info.rank)  # drop path / dropout; data has its own seeds
@@ -165,8 +201,13 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
                   trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in job.model.parameters()))
     clock = CostClock(info.world, state["wall_seconds"], state["device_seconds"], job.base_hours)
+    health = DataHealth(job.max_bad_fraction, state["samples_read"], state["bad_samples"],
+                        epoch=steps_per_epoch * cfg.accum_steps * micro * info.world)
+    mixup = SeededMixup(job.aug, cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
 
     def checkpoint():
+        health.sync(info)
+        state.update(samples_read=health.read, bad_samples=health.bad)
         clock.tick()
         state.update(wall_seconds=clock.wall, device_seconds=clock.device)
         ds.save(eng, job.ckpt_dir, state["step"], dict(state), cfg.keep_ckpts, info,
@@ -177,13 +218,15 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
     dtype = ds.input_dtype(eng)
     while state["step"] < total:
         epoch, in_epoch = divmod(state["step"], steps_per_epoch)
-        loader.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_steps * micro)
+        set_epoch(loader, epoch, start=in_epoch * cfg.accum_steps * micro)
         n_micro = (steps_per_epoch - in_epoch) * cfg.accum_steps
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i == n_micro:
                 break
-            x, y = x.to(info.device, dtype), y.to(info.device)
-            loss = F.cross_entropy(eng(x).float(), y, label_smoothing=cfg.label_smoothing)
+            health.add(batch)
+            micro_no = in_epoch * cfg.accum_steps + i  # of this epoch: seeds the mixup draws
+            mix_seed = ((job.seed * 1_000_003 + epoch) * 1_000_033 + micro_no) * 4099 + info.rank
+            loss = _loss(eng, batch, cfg, mixup, mix_seed, info, dtype)
             eng.backward(loss)
             boundary = eng.is_gradient_accumulation_boundary()
             step_no = state["step"] + 1
@@ -191,16 +234,17 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
             pre_norm = ds.grad_norm_before_step(eng) if logging_step else None
             lr = sched.get_last_lr()[0]
             eng.step()
-            meter.add(len(y) * info.world)
+            meter.add(micro * info.world)
             if not boundary:
                 continue
             state["step"] = step_no
             if logging_step:
+                health.sync(info)
                 clock.tick()
                 rate, eta = meter.window(step_no)
                 gn = pre_norm if pre_norm is not None else eng.get_global_grad_norm()
                 log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
-                          grad_norm=None if gn is None else float(gn), **clock.fields())
+                          grad_norm=None if gn is None else float(gn), bad_samples=health.bad, **clock.fields())
                 log.update(step_no, total, f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} "
                            f"loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
             if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
@@ -211,7 +255,7 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
                 return {"interrupted": True, "step": step_no}
         epoch_done = state["step"] // steps_per_epoch
         if epoch_done % cfg.eval_every_epochs == 0 or state["step"] == total:
-            metrics = evaluate(eng, val, info, dtype)
+            metrics = evaluate(eng, val, info, dtype, job.max_bad_fraction)
             clock.tick()
             state["last_eval"] = {**metrics, "epoch": epoch_done, "step": state["step"]}
             log.write("eval", step=state["step"], epoch=epoch_done, **metrics, **clock.fields())
@@ -219,7 +263,8 @@ def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoc
         checkpoint()
 
     clock.tick()
-    final = {**(state["last_eval"] or {}), **clock.fields(), "steps": total, "world": info.world}
+    final = {**(state["last_eval"] or {}), **clock.fields(), "steps": total, "world": info.world,
+             "bad_samples": state["bad_samples"]}
     with ds.full_params(eng):
         if info.is_main:
             job.export(eng.module, total, final)

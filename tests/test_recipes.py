@@ -73,3 +73,18 @@ def test_recipe_phases_follow_the_paper(recipe, fine_tune_drop_path, zero_stage)
     assert r.data.source != "fashion-mnist", "an ImageNet recipe must not fall back to the demo dataset"
     assert (r.model.img_size, r.model.in_chans, r.model.num_classes, sum(r.model.split)) == \
         (224, 3, 1000, {"vit-b16": 12, "vit-l16": 24, "vit-h14": 32}[recipe])
+
+
+@pytest.mark.parametrize("recipe", ["vit-b16", "vit-l16", "vit-h14"])
+def test_recipe_augmentation_is_deit(recipe):
+    """DeiT's recipe (the paper's main.py defaults): RandAugment, mixup/cutmix, erasing, repeated aug, crop 0.875."""
+    r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
+    a = r.aug
+    assert a.rand_augment == "rand-m9-mstd0.5-inc1" and a.interpolation == "bicubic"
+    assert (a.mixup, a.cutmix, a.mixup_prob, a.mixup_switch_prob, a.mixup_mode) == (0.8, 1.0, 1.0, 0.5, "batch")
+    assert (a.re_prob, a.re_mode, a.re_count) == (0.25, "pixel", 1)
+    assert a.repeated_aug == 3 and a.crop_pct == 0.875 and a.hflip == 0.5
+    assert a.scale == [0.08, 1.0] and a.ratio == pytest.approx([3 / 4, 4 / 3])
+    assert a.mixes and all(getattr(r, p).label_smoothing == 0.1 for p in ("meta", "incubate", "assemble", "e2e"))
+    assert r.data.source in ("imagefolder", "webdataset") and r.data.fraction == 1.0
+    assert r.data.stream_splits % r.data.num_workers == 0

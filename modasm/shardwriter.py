@@ -1,0 +1,151 @@
+"""ImageFolder tree -> webdataset shards, with a class-index file and per-split sample indices.
+
+``make_shards(src, out)`` turns ``src/train/<class>/<image>`` (and ``src/val/...``) into
+``out/train-000000.tar, ...`` written by webdataset's own TarWriter: each sample is the original
+image bytes (``.jpg``/``.png``/...) plus its label (``.cls``), keyed by its path without extension.
+The samples are shuffled with a seed first, so every shard mixes the classes (what streaming needs).
+
+Resumable: the plan (which sample goes in which shard) is a function of the source listing, the seed
+and the shard size, recorded in ``<split>-plan.json``. Re-running the same command keeps every
+finished shard whose members match the plan (headers checked, not decoded), redoes the others;
+a shard is written to ``<name>.tmp``, fsynced, then renamed. The index (``<split>-index.json``,
+which the training stream needs) is written last: a directory without it is not finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from .data import sample_key, scan_imagefolder
+from .metrics import fmt_eta
+from .webds import CLASSES_FILE, index_path, write_index
+
+SPLITS = ("train", "val")
+
+
+class _Progress:
+    """count, img/s and ETA, one line every few seconds and at the end of a split."""
+
+    def __init__(self, split: str, total: int, stream=sys.stdout, every: float = 5.0):
+        self.split, self.total, self.stream, self.every = split, total, stream, every
+        self.t0 = self.last = time.perf_counter()
+        self.done = self.written = 0
+
+    def add(self, n: int, written: bool, shard: int, shards: int) -> None:
+        self.done += n
+        self.written += n if written else 0
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.written / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            print(f"[make_shards] {self.split}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f} %), "
+                  f"shard {shard + 1}/{shards}, {rate:.0f} img/s, ETA {fmt_eta(eta)}", file=self.stream, flush=True)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _members_match(path: Path, keys: list[str]) -> bool:
+    """True when the tar's members are exactly the planned samples (an image and a .cls each), in order."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    got = []
+    for name in names:
+        key, ext = base_plus_ext(name)
+        if not got or got[-1][0] != key:
+            got.append((key, set()))
+        got[-1][1].add(ext)
+    return [k for k, _ in got] == keys and all("cls" in e and len(e) == 2 for _, e in got)
+
+
+def _ext(path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _write_shard(path: Path, root: Path, files: list[str], labels: list[int], pool: ThreadPoolExecutor) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    writer = wds.TarWriter(str(tmp), mtime=0.0)  # fixed mtime: the same plan gives the same bytes
+    try:
+        for f, label, data in zip(files, labels, pool.map(lambda f: (root / f).read_bytes(), files)):
+            writer.write({"__key__": sample_key(f), _ext(f): data, "cls": int(label)})
+    finally:
+        writer.close()
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _plan(src: Path, out: Path, split: str, files: list[str], shard_size: int, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(len(files))
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    plan = {"source": str(src.resolve()), "files": len(files), "files_sha256": digest, "seed": seed,
+            "shard_size": shard_size}
+    path = out / f"{split}-plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in ("files", "files_sha256", "seed", "shard_size") if old.get(k) != plan[k]]
+        if changed:
+            raise ValueError(f"{out} holds {split} shards of another plan ({', '.join(f'{k}: {old.get(k)} -> {plan[k]}' for k in changed)}): "
+                             "re-run with the original source, --seed and --shard-size, or write to a new directory")
+    _atomic_json(path, plan)
+    return order
+
+
+def make_split(src: Path, out: Path, split: str, classes: list[str], shard_size: int, seed: int,
+               threads: int, stream=sys.stdout) -> Path:
+    split_classes, files, labels = scan_imagefolder(src / split)
+    if split_classes != classes:
+        raise ValueError(f"{src / split}: its class directories differ from {src / 'train'}'s; both need the same classes")
+    order = _plan(src, out, split, files, shard_size, seed)
+    shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+    progress = _Progress(split, len(files), stream)
+    entries = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for i, idx in enumerate(shards):
+            path = out / f"{split}-{i:06d}.tar"
+            keys = [sample_key(files[j]) for j in idx]
+            done = path.is_file() and _members_match(path, keys)
+            if not done:
+                _write_shard(path, src / split, [files[j] for j in idx], [int(labels[j]) for j in idx], pool)
+            entries.append({"name": path.name, "bytes": path.stat().st_size, "keys": keys,
+                            "labels": [int(labels[j]) for j in idx]})
+            progress.add(len(idx), not done, i, len(shards))
+    write_index(index_path(out, split), split, entries, classes)
+    return index_path(out, split)
+
+
+def make_shards(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0, threads: int = 8,
+                splits=SPLITS, stream=sys.stdout) -> list[Path]:
+    """Shard ``src/<split>`` for each split present; returns the index files written."""
+    src, out = Path(src), Path(out)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    present = [s for s in splits if (src / s).is_dir()]
+    if "train" not in present:
+        raise ValueError(f"{src}/train not found: the source must be an ImageFolder tree with train/ (and val/), "
+                         "each holding one directory per class")
+    classes = scan_imagefolder(src / "train")[0]
+    out.mkdir(parents=True, exist_ok=True)
+    cls_path = out / CLASSES_FILE
+    if cls_path.is_file() and json.loads(cls_path.read_text()).get("classes") != classes:
+        raise ValueError(f"{cls_path} lists other classes than {src / 'train'}: write to a new directory")
+    _atomic_json(cls_path, {"classes": classes, "class_to_idx": {c: i for i, c in enumerate(classes)}})
+    return [make_split(src, out, s, classes, shard_size, seed, threads, stream) for s in present]
