@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast bench-farm clean
+.PHONY: setup data demo test test-fast bench-data bench-farm clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -44,6 +44,10 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# decode + DeiT augmentation img/s per core at 224^2 on real JPEG photos, ImageFolder and webdataset (docs/benchmarks.md)
+bench-data: setup
+	$(BIN)/python benchmarks/bench_data.py
 
 # each module group's incubation throughput alone vs all groups at once (docs/benchmarks.md)
 bench-farm: setup data
