@@ -40,7 +40,7 @@ demo: setup data
 	$(BIN)/python launch/pipeline.py recipes/demo-fmnist.yaml data.root=$(FMNIST)
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
