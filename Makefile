@@ -11,7 +11,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 endif
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast clean
+.PHONY: setup data demo test test-fast bench-data shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -42,6 +42,15 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Decode + augment throughput of the ImageFolder and webdataset paths (img/s per core; docs/benchmarks.md).
+bench-data: setup
+	$(BIN)/python benchmarks/bench_data.py
+
+# ImageFolder tree -> webdataset shards: make shards SRC=/datasets/imagenet OUT=/datasets/imagenet-wds
+shards: setup
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards SRC=imagefolder-root OUT=shard-dir [SHARD_SIZE=1000]"; exit 2; }
+	$(BIN)/python launch/make_shards.py $(SRC) $(OUT) --shard-size $(or $(SHARD_SIZE),1000)
 
 clean:
 	rm -rf runs .pytest_cache
