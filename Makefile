@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast bench-data bench-farm clean
+.PHONY: setup data demo test test-fast bench-data bench-farm shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -45,9 +45,14 @@ test: setup data
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# decode + DeiT augmentation img/s per core at 224^2 on real JPEG photos, ImageFolder and webdataset (docs/benchmarks.md)
+# Decode + augment throughput of the ImageFolder and webdataset paths (img/s per core; docs/benchmarks.md).
 bench-data: setup
 	$(BIN)/python benchmarks/bench_data.py
+
+# ImageFolder tree -> webdataset shards: make shards SRC=/datasets/imagenet OUT=/datasets/imagenet-wds
+shards: setup
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards SRC=imagefolder-root OUT=shard-dir [SHARD_SIZE=1000]"; exit 2; }
+	$(BIN)/python launch/make_shards.py $(SRC) $(OUT) --shard-size $(or $(SHARD_SIZE),1000)
 
 # each module group's incubation throughput alone vs all groups at once (docs/benchmarks.md)
 bench-farm: setup data

@@ -138,7 +138,7 @@ class SeededTransform:
             torch.default_generator.set_state(saved_torch)
 
 
-def _posterize_zero_bits_is_black(transform) -> None:
+def posterize_zero_bits_is_black(transform) -> None:
     """timm's RandAugment asks for posterize with 0 bits at magnitude 10 (m9 + mstd 0.5 reaches it for ~2 %
     of its posterize draws). Pillow >= 13 refuses bits=0; older Pillow returned a black image, which is
     what DeiT trained with. Keep that behaviour instead of crashing the loader."""
@@ -159,7 +159,7 @@ def image_transforms(aug: AugConfig, img_size: int):
                              hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment or None,
                              interpolation=aug.interpolation, re_prob=aug.re_prob, re_mode=aug.re_mode,
                              re_count=aug.re_count)
-    _posterize_zero_bits_is_black(train)
+    posterize_zero_bits_is_black(train)
     evaluation = create_transform(img_size, is_training=False, crop_pct=aug.crop_pct,
                                   interpolation="bicubic" if aug.interpolation == "random" else aug.interpolation)
     return SeededTransform(train), SeededTransform(evaluation)
