@@ -3,6 +3,7 @@ import io
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -125,7 +126,10 @@ def test_no_wandb_configured_no_network_no_prompt(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in launch_env().items() if not k.startswith("WANDB")}
-    env.update(HOME=str(home), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    env.update(HOME=str(home), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               # DeepSpeed's JIT-built ops stay where they are (a fresh HOME would rebuild them: ~50 s each run)
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions")))
     res = subprocess.run(launch_cmd("meta.py", str(TINY), f"run.out_dir={tmp_path}"), cwd=ROOT, env=env,
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
