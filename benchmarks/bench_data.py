@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import photos  # noqa: E402
 from modasm.config import DataConfig, load_recipe  # noqa: E402
-from modasm.data import build_datasets, image_transforms, posterize_zero_bits_is_black, set_epoch, train_loader  # noqa: E402,E501
-from modasm.shardwriter import make_shards  # noqa: E402
+from modasm.data import build_datasets, image_transforms, train_loader  # noqa: E402
+from modasm.data.transforms import posterize_zero_bits_is_black  # noqa: E402
+from modasm.data.writer import make_shards  # noqa: E402
 
 
 def rate(n, fn, repeats=2):
@@ -37,8 +38,8 @@ def rate(n, fn, repeats=2):
 
 
 def epoch(ds, workers, micro=64):
-    loader = train_loader(ds, micro, 0, 1, 0, workers)
-    set_epoch(loader, 0)
+    loader = train_loader(ds, micro, 0, 1, workers)
+    ds.set_epoch(0)
     return sum(len(b.keys) for b in loader)
 
 

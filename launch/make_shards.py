@@ -8,7 +8,8 @@ from pathlib import Path
 
 import braceexpand
 
-from modasm import cli, shardwriter, webds
+from modasm import cli
+from modasm.data import wds, writer
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("src", nargs="?", help="ImageFolder root holding train/ and val/ (one directory per class)")
@@ -23,14 +24,14 @@ args = p.parse_args()
 
 def run():
     if args.index:
-        path = webds.index_shards(list(braceexpand.braceexpand(args.index)), args.split, Path(args.out),
+        path = wds.index_shards(list(braceexpand.braceexpand(args.index)), args.split, Path(args.out),
                                   progress=lambda i, n, k: print(f"[make_shards] indexed {i}/{n} shards, {k} samples",
                                                                  flush=True))
         print(f"[make_shards] wrote {path}")
     elif not args.src:
         p.error("give SRC OUT, or --index PATTERN OUT")
     else:
-        for path in shardwriter.make_shards(args.src, args.out, args.shard_size, args.seed, args.threads):
+        for path in writer.make_shards(args.src, args.out, args.shard_size, args.seed, args.threads):
             print(f"[make_shards] wrote {path}")
 
 

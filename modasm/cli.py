@@ -6,6 +6,7 @@ import signal
 import sys
 
 from .config import Recipe, describe, load_recipe
+from .errors import UserError
 
 
 def parse(description: str, add_args=None, argv=None) -> tuple[argparse.Namespace, Recipe]:
@@ -24,19 +25,20 @@ def parse(description: str, add_args=None, argv=None) -> tuple[argparse.Namespac
     args = p.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except ValueError as e:
+    except UserError as e:
         p.exit(2, f"error: {e}\n")
     return args, recipe
 
 
 def main(run) -> None:
-    """Run ``run()`` with user mistakes turned into one clear line and exit code 2."""
+    """Run ``run()`` with user mistakes (``UserError``) turned into one clear line and exit code 2; any other
+    error keeps its traceback."""
     from . import dist
     from .train import request_stop
     signal.signal(signal.SIGUSR1, request_stop)  # checkpoint and exit cleanly (preemption notice)
     try:
         run()
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         dist.shutdown()
         raise SystemExit(2)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UserError
+
 
 def _f(default, help: str, **kw):
     """A dataclass field with a help string (the schema documents itself)."""
@@ -41,15 +43,19 @@ class ModelConfig:
     mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim.")
     qkv_bias: bool = _f(True, "Bias in the qkv projection (the paper's ViT-H/14 has none).")
     norm_eps: float = _f(1e-6, "LayerNorm epsilon (the paper's ViT-H/14 uses 1e-5).")
+    cls_token_init: str = _f("timm", "Initial class token: 'timm' (timm >= 0.9: normal, std 1e-6) or 'paper' (the "
+                             "paper's vendored timm 0.3.2: truncated normal, std 0.02).")
     split: list = _f([3, 3, 3, 3], "Depth of each of the K modules; the target depth is their sum.")
 
     def __post_init__(self):
         if not self.split or any((not isinstance(d, int)) or d < 1 for d in self.split):
-            raise ValueError(f"model.split must be a non-empty list of positive ints, got {self.split!r}")
+            raise UserError(f"model.split must be a non-empty list of positive ints, got {self.split!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+            raise UserError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
-            raise ValueError(f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}")
+            raise UserError(f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}")
+        if self.cls_token_init not in ("timm", "paper"):
+            raise UserError(f"model.cls_token_init must be 'timm' or 'paper', got {self.cls_token_init!r}")
 
     @property
     def K(self) -> int:
@@ -85,14 +91,14 @@ class DataConfig:
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
-            raise ValueError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
+            raise UserError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"data.fraction must be in (0, 1], got {self.fraction}")
+            raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise UserError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         for k in ("stream_splits", "shuffle_buffer"):
             if getattr(self, k) < 1:
-                raise ValueError(f"data.{k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"data.{k} must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass
@@ -123,22 +129,22 @@ class AugConfig:
 
     def __post_init__(self):
         if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.mixup_prob <= 1:
-            raise ValueError(f"aug.mixup/aug.cutmix must be >= 0 and aug.mixup_prob in [0, 1], got "
+            raise UserError(f"aug.mixup/aug.cutmix must be >= 0 and aug.mixup_prob in [0, 1], got "
                              f"{self.mixup}/{self.cutmix}/{self.mixup_prob}")
         if self.mixup_mode not in ("batch", "pair", "elem"):
-            raise ValueError(f"aug.mixup_mode must be 'batch', 'pair' or 'elem', got {self.mixup_mode!r}")
+            raise UserError(f"aug.mixup_mode must be 'batch', 'pair' or 'elem', got {self.mixup_mode!r}")
         if self.re_mode not in ("pixel", "rand", "const"):
-            raise ValueError(f"aug.re_mode must be 'pixel', 'rand' or 'const', got {self.re_mode!r}")
+            raise UserError(f"aug.re_mode must be 'pixel', 'rand' or 'const', got {self.re_mode!r}")
         if self.repeated_aug < 1:
-            raise ValueError(f"aug.repeated_aug must be >= 1, got {self.repeated_aug}")
+            raise UserError(f"aug.repeated_aug must be >= 1, got {self.repeated_aug}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"aug.crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise UserError(f"aug.crop_pct must be in (0, 1], got {self.crop_pct}")
         for k in ("scale", "ratio"):
             v = getattr(self, k)
             if len(v) != 2 or not all(isinstance(a, (int, float)) and a > 0 for a in v) or v[0] > v[1]:
-                raise ValueError(f"aug.{k} must be [low, high] with 0 < low <= high, got {v!r}")
+                raise UserError(f"aug.{k} must be [low, high] with 0 < low <= high, got {v!r}")
         if self.rand_augment and not self.rand_augment.startswith(("rand", "augmix", "original", "v0", "3a")):
-            raise ValueError(f"aug.rand_augment={self.rand_augment!r} is not a timm auto-augment string, e.g. "
+            raise UserError(f"aug.rand_augment={self.rand_augment!r} is not a timm auto-augment string, e.g. "
                              "'rand-m9-mstd0.5-inc1'")
 
     @property
@@ -150,12 +156,23 @@ class AugConfig:
 class PhaseConfig:
     """Optimisation of one phase (meta, incubate, assemble = fine-tune, e2e)."""
     epochs: int = _f(100, "Passes over the training data.")
-    batch_size: int = _f(2048, "Global batch per optimizer step (micro-batch x accum_steps x ranks).")
-    accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    batch_size: int = _f(2048, "Global batch per optimizer step (micro-batch x accumulation x ranks; the paper's "
+                         "batch_size x update_freq x GPUs).")
+    micro_batch: int = _f(0, "Most images per rank per forward/backward (what fits in a GPU's memory); the "
+                          "accumulation steps follow from batch_size, the ranks and this limit. 0: use accum_steps.")
+    accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step when micro_batch is 0.")
     lr: float = _f(5e-4, "Peak learning rate per 512 images; the used lr is lr * batch_size / 512 (DeiT).")
     min_lr: float = _f(1e-5, "Learning rate at the end of the cosine schedule.")
-    warmup_epochs: float = _f(20.0, "Linear warm-up length, stepped per optimizer step (not per epoch).")
+    warmup_epochs: float = _f(20.0, "Linear warm-up length in epochs (from warmup_lr to the peak).")
+    warmup_lr: float = _f(1e-6, "Learning rate at the start of the warm-up (the paper's --warmup-lr).")
+    lr_schedule: str = _f("epoch", "How timm's CosineLRScheduler is stepped: 'epoch' (the paper's code: once after "
+                          "each epoch, so epoch e trains at the schedule's value for e-1; warm-up and cosine count "
+                          "epochs, the cosine spans all of them including warm-up) or 'step' (the same curve "
+                          "updated every optimizer step).")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms and embeddings).")
+    decay_tokens: bool = _f(False, "Apply weight decay to cls_token and pos_embed too. The paper's incubation of "
+                            "module 0 does (it optimises a sub-module, which loses timm's no-weight-decay list); "
+                            "its other phases and DeiT do not.")
     clip_grad: float = _f(0.0, "Clip the global gradient norm to this value (0: off).")
     drop_path: float = _f(0.1, "Stochastic depth rate, linear over the trained model's depth.")
     label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss (with aug.mixup/cutmix: of the "
@@ -168,7 +185,14 @@ class PhaseConfig:
     def __post_init__(self):
         for k in ("epochs", "batch_size", "accum_steps", "eval_every_epochs", "keep_ckpts", "log_every_steps"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.micro_batch < 0:
+            raise UserError(f"micro_batch must be >= 0 (0: from accum_steps), got {self.micro_batch}")
+        if self.micro_batch and self.accum_steps != 1:
+            raise UserError(f"set micro_batch ({self.micro_batch}) or accum_steps ({self.accum_steps}), not both: "
+                            "with micro_batch the accumulation steps are derived")
+        if self.lr_schedule not in ("epoch", "step"):
+            raise UserError(f"lr_schedule must be 'epoch' or 'step', got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -181,7 +205,7 @@ class IncubateConfig(PhaseConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.groups < 0:
-            raise ValueError(f"incubate.groups must be >= 0 (0: automatic), got {self.groups}")
+            raise UserError(f"incubate.groups must be >= 0 (0: automatic), got {self.groups}")
 
 
 @dataclass
@@ -191,9 +215,9 @@ class DeepSpeedConfig:
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise UserError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
 @dataclass
@@ -206,7 +230,7 @@ class WandbConfig:
 
     def __post_init__(self):
         if self.mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logging.wandb.mode must be 'offline', 'online' or 'disabled', got {self.mode!r}")
+            raise UserError(f"logging.wandb.mode must be 'offline', 'online' or 'disabled', got {self.mode!r}")
 
 
 @dataclass
@@ -217,7 +241,7 @@ class LoggingConfig:
 
     def __post_init__(self):
         if self.progress not in ("auto", "bar", "lines"):
-            raise ValueError(f"logging.progress must be 'auto', 'bar' or 'lines', got {self.progress!r}")
+            raise UserError(f"logging.progress must be 'auto', 'bar' or 'lines', got {self.progress!r}")
 
 
 def _phase(**overrides):
@@ -276,13 +300,13 @@ def _coerce(value: Any, tp, where: str):
         return value
     if tp in (int, str, bool, float) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _build(cls, data: dict, where: str, base=None):
     """Build ``cls`` from a mapping; keys not given keep ``base``'s values (or the defaults)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+        raise UserError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
     base = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -290,7 +314,7 @@ def _build(cls, data: dict, where: str, base=None):
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ValueError(f"unknown recipe key '{path}'{_suggest(key, fields, where)}")
+            raise UserError(f"unknown recipe key '{path}'{_suggest(key, fields, where)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path, getattr(base, key))
@@ -299,7 +323,7 @@ def _build(cls, data: dict, where: str, base=None):
     try:
         return dataclasses.replace(base, **kwargs)
     except ValueError as e:
-        raise ValueError(f"{where or 'recipe'}: {e}") from None
+        raise UserError(f"{where or 'recipe'}: {e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value, source: str):
@@ -312,15 +336,15 @@ def _set_dotted(tree: dict, dotted: str, value, source: str):
         if part not in fields:
             prefix = ".".join(parts[:i])
             full = [f"{prefix}.{n}" if prefix else n for n in fields]
-            raise ValueError(f"unknown override key '{dotted}' ({source}){_suggest(dotted, full)}")
+            raise UserError(f"unknown override key '{dotted}' ({source}){_suggest(dotted, full)}")
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ValueError(f"override '{dotted}' names a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+                raise UserError(f"override '{dotted}' names a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
             node[part] = value
         else:
             if not dataclasses.is_dataclass(tp):
-                raise ValueError(f"override '{dotted}': '{part}' is not a section")
+                raise UserError(f"override '{dotted}': '{part}' is not a section")
             node = node.setdefault(part, {})
             cls = tp
 
@@ -329,20 +353,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load a recipe file and apply ``a.b=c`` overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"recipe file {path} does not exist")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        raise UserError(f"recipe file {path} does not exist")
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
-        raise ValueError(f"{path}: a recipe must be a mapping of sections")
+        raise UserError(f"{path}: a recipe must be a mapping of sections")
     for ov in overrides:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} must look like section.key=value")
+            raise UserError(f"override {ov!r} must look like section.key=value")
         key, raw = ov.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw), "command line")
     try:
         return _build(Recipe, tree, "")
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
 
 
 def describe(cls=Recipe, prefix: str = "") -> list[str]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -73,7 +75,7 @@ def split_world(info: DistInfo, groups: int) -> DistInfo:
     Collective over the launch once (all ranks must call it with the same ``groups``); never after.
     """
     if groups < 1 or info.world % groups:
-        raise ValueError(f"incubate.groups={groups} must divide the number of ranks ({info.world}); "
+        raise UserError(f"incubate.groups={groups} must divide the number of ranks ({info.world}); "
                          f"valid: {', '.join(str(g) for g in range(1, info.world + 1) if info.world % g == 0)}")
     if groups == 1:
         return DistInfo(**{**info.__dict__, "global_rank": info.rank})

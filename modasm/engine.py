@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ import deepspeed  # noqa: E402
 
 from .config import DeepSpeedConfig, PhaseConfig  # noqa: E402
 from .dist import DistInfo, barrier  # noqa: E402
+from .errors import UserError  # noqa: E402
 from .model import param_groups  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -32,19 +33,56 @@ CKPT_PREFIX = "step-"
 COMPLETE = "COMPLETE"
 
 
-def micro_batch(cfg: PhaseConfig, world: int, section: str) -> int:
+@dataclass(frozen=True)
+class Plan:
+    """How a phase's global batch is made on this launch, and how long the phase is."""
+    micro: int            # images per rank per forward/backward
+    accum: int            # micro-batches per optimizer step
+    world: int            # data-parallel ranks
+    steps_per_epoch: int
+    total: int
+
+    def describe(self, batch: int) -> str:
+        return (f"global batch {batch} = micro-batch {self.micro} x accumulation {self.accum} x {self.world} "
+                f"rank(s); {self.steps_per_epoch} optimizer steps per epoch, {self.total} in all")
+
+
+def accumulation(cfg: PhaseConfig, world: int, section: str) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) making ``cfg.batch_size`` on ``world`` ranks.
+
+    With ``micro_batch`` (a per-rank limit) the accumulation is the fewest steps whose micro-batch fits;
+    otherwise ``accum_steps`` as given.
+    """
+    if cfg.micro_batch:
+        if cfg.batch_size % world:
+            raise UserError(f"{section}.batch_size={cfg.batch_size} does not split over {world} ranks; use a "
+                            f"multiple of {world}, or another number of ranks")
+        per_rank = cfg.batch_size // world
+        for accum in range(-(-per_rank // cfg.micro_batch), per_rank + 1):
+            if per_rank % accum == 0:
+                return per_rank // accum, accum
     per = cfg.accum_steps * world
     if cfg.batch_size % per:
-        raise ValueError(f"{section}.batch_size={cfg.batch_size} is not divisible by accum_steps x ranks "
-                         f"= {cfg.accum_steps} x {world}; pick a multiple of {per}")
-    return cfg.batch_size // per
+        raise UserError(f"{section}.batch_size={cfg.batch_size} is not divisible by accum_steps x ranks "
+                        f"= {cfg.accum_steps} x {world}; pick a multiple of {per}, or set {section}.micro_batch "
+                        "(the per-GPU limit) instead of accum_steps")
+    return cfg.batch_size // per, cfg.accum_steps
 
 
-def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, world: int, section: str) -> dict:
+def plan(cfg: PhaseConfig, world: int, section: str, n_train: int) -> Plan:
+    micro, accum = accumulation(cfg, world, section)
+    steps_per_epoch = (n_train // world) // micro // accum
+    if steps_per_epoch < 1:
+        raise UserError(f"{section}: {n_train} training samples give no full optimizer step of "
+                        f"{cfg.batch_size}; lower {section}.batch_size")
+    return Plan(micro, accum, world, steps_per_epoch, cfg.epochs * steps_per_epoch)
+
+
+def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, p: Plan) -> dict:
     return {
         "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch(cfg, world, section),
-        "gradient_accumulation_steps": cfg.accum_steps,
+        "train_micro_batch_size_per_gpu": p.micro,
+        "gradient_accumulation_steps": p.accum,
         "gradient_clipping": cfg.clip_grad,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
@@ -54,29 +92,55 @@ def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, world: int, section: str) -
     }
 
 
-def lr_lambda(peak: float, min_lr: float, warmup_steps: int, total_steps: int):
-    """Per-step schedule as a multiplier of the peak lr: linear warm-up, then cosine to min_lr."""
-    floor = min_lr / peak if peak > 0 else 0.0
+class Schedule:
+    """The learning rate, from timm's ``CosineLRScheduler`` (warm-up from ``warmup_lr``, cosine to ``min_lr``
+    over all epochs including the warm-up, as the paper's code and DeiT build it).
 
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return f
+    ``lr_schedule: epoch`` steps it as the paper's ``main.py`` does: once after each epoch
+    (``sched.step(epoch)``), so epoch e trains at the schedule's value at e-1 (epoch 0 at its value at 0).
+    ``lr_schedule: step`` updates it after every optimizer step (``step_update``), in units of steps.
+    The lr is a function of the optimizer step, so a resume just sets it (``restore``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: PhaseConfig, steps_per_epoch: int):
+        from timm.scheduler import CosineLRScheduler
+        self.per_epoch, self.steps_per_epoch, self.optimizer = cfg.lr_schedule == "epoch", steps_per_epoch, optimizer
+        unit = 1 if self.per_epoch else steps_per_epoch
+        warmup = cfg.warmup_epochs * unit if self.per_epoch else int(round(cfg.warmup_epochs * unit))
+        self.timm = CosineLRScheduler(optimizer, t_initial=cfg.epochs * unit, lr_min=cfg.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=cfg.warmup_lr, warmup_prefix=False, cycle_limit=1,
+                                      t_in_epochs=self.per_epoch)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def after_step(self, step: int) -> None:
+        """``step`` optimizer steps are done."""
+        if not self.per_epoch:
+            self.timm.step_update(step)
+
+    def after_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` (0-based) is done."""
+        if self.per_epoch:
+            self.timm.step(epoch)
+
+    def restore(self, step: int) -> None:
+        """The lr of a run that has done ``step`` optimizer steps (resume)."""
+        if self.per_epoch:  # (the value at 0 is also what the scheduler starts with)
+            self.timm.step(max(step // self.steps_per_epoch - 1, 0))
+        else:
+            self.timm.step_update(step)
 
 
-def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, info: DistInfo,
-                 section: str, total_steps: int, steps_per_epoch: int):
+def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, info: DistInfo, p: Plan):
     peak = cfg.lr * cfg.batch_size / 512
-    groups = param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999))
-    schedule = lr_lambda(peak, cfg.min_lr, int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config(cfg, ds, info.world, section), dist_init_required=False)
-    return engine, scheduler
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_tokens), lr=peak,
+                                  betas=(0.9, 0.999))
+    schedule = Schedule(optimizer, cfg, p.steps_per_epoch)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, ds, p),
+                                           dist_init_required=False)
+    return engine, schedule
 
 
 def input_dtype(engine) -> torch.dtype:
@@ -160,7 +224,7 @@ def load(engine, ckpt_dir: Path, step: int, info: DistInfo) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag(step))
     if path is None:
-        raise RuntimeError(f"{ckpt_dir / tag(step)}: DeepSpeed could not load this checkpoint; "
+        raise UserError(f"{ckpt_dir / tag(step)}: DeepSpeed could not load this checkpoint; "
                            "move it aside to restart the phase from the previous one")
     rng = _rng_file(ckpt_dir, step, info.rank)
     if rng.is_file():  # absent when the world size changed: this rank keeps its fresh seed

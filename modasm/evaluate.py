@@ -5,6 +5,7 @@ from . import model as M
 from .config import Recipe
 from .data import build_datasets, eval_loader
 from .dist import DistInfo
+from .errors import UserError
 from .phases import export_dir, load_meta
 from .shards import load_modules
 from .train import evaluate
@@ -16,7 +17,7 @@ def build_from_shards(recipe: Recipe, phase: str, module: int | None = None):
         return _load(recipe, "meta", M.meta_layout(K))
     if phase == "incubate":
         if module is None or not 0 <= module < K:
-            raise ValueError(f"--phase incubate needs --module k with 0 <= k < {K}")
+            raise UserError(f"--phase incubate needs --module k with 0 <= k < {K}")
         mod, _ = load_modules(export_dir(recipe, "incubate", module), model_cfg=cfg, modules=[module],
                               phase="incubate")
         meta = load_meta(recipe)

@@ -7,22 +7,19 @@ only them); W&B mirrors them for dashboards.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import re
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
 
-def fmt_eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+from .errors import UserError
 
 
 class CostClock:
@@ -56,29 +53,56 @@ class CostClock:
                 "device_hours": self.device_hours, "pipeline_device_hours": self.pipeline_hours}
 
 
-class Progress:
-    """A live bar on a terminal; plain lines (for logs and Slurm output files) otherwise."""
+def fmt_eta(seconds: float) -> str:
+    """h:mm:ss (days spelled out), as the standard library writes a duration."""
+    return str(datetime.timedelta(seconds=max(0, int(seconds))))
 
-    def __init__(self, label: str, mode: str = "auto", stream=sys.stdout):
+
+class Progress:
+    """Progress of a piece of work counted in ``unit``s, metered by tqdm (count, smoothed rate, ETA).
+
+    On a terminal (``mode`` 'bar', or 'auto' on a tty) tqdm draws a live bar and ``show`` sets its text;
+    otherwise (log files, Slurm output) tqdm only meters and ``show`` prints one plain line.
+    """
+
+    def __init__(self, label: str, total: float, initial: float = 0, unit: str = "img", mode: str = "auto",
+                 stream=sys.stdout):
         self.label, self.stream = label, stream
         self.bar = mode == "bar" or (mode == "auto" and stream.isatty())
-        self._open = False
+        self._sink = None if self.bar else open(os.devnull, "w")
+        self.meter = tqdm(total=total, initial=initial, unit=unit, file=stream if self.bar else self._sink,
+                          desc=f"[{label}]", dynamic_ncols=True, mininterval=0.5 if self.bar else 0.0)
 
-    def update(self, step: int, total: int, text: str) -> None:
-        if not self.bar:
-            self.say(text)
-            return
-        width = 24
-        filled = int(width * step / max(total, 1))
-        self.stream.write(f"\r[{self.label}] |{'#' * filled}{'.' * (width - filled)}| {text}\033[K")
-        self.stream.flush()
-        self._open = True
+    def advance(self, n: float) -> None:
+        self.meter.update(n)
+
+    @property
+    def rate(self) -> float:
+        """Units per second: tqdm's smoothed rate (the average so far until it has one)."""
+        d = self.meter.format_dict
+        if d["rate"]:
+            return d["rate"]
+        return (d["n"] - d["initial"]) / d["elapsed"] if d["elapsed"] else 0.0
+
+    @property
+    def eta(self) -> float:
+        d, rate = self.meter.format_dict, self.rate
+        return (d["total"] - d["n"]) / rate if rate and d["total"] else 0.0
+
+    def show(self, text: str) -> None:
+        if self.bar:
+            self.meter.set_postfix_str(text)
+        else:
+            print(f"[{self.label}] {text}", file=self.stream, flush=True)
 
     def say(self, msg: str) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self._open = False
-        print(f"[{self.label}] {msg}", file=self.stream, flush=True)
+        line = f"[{self.label}] {msg}"
+        tqdm.write(line, file=self.stream) if self.bar else print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.meter.close()
+        if self._sink is not None:
+            self._sink.close()
 
 
 # ---------------------------------------------------------------- W&B
@@ -101,7 +125,7 @@ class WandbRun:
         import wandb  # imported only when used: a disabled logger costs nothing
         mode = wandb_mode(cfg.mode)
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
-            raise ValueError("logging.wandb.mode is 'online' but no W&B API key is configured: run `wandb login` "
+            raise UserError("logging.wandb.mode is 'online' but no W&B API key is configured: run `wandb login` "
                              "or set WANDB_API_KEY, or keep mode 'offline' and `wandb sync` the runs later")
         run_dir.mkdir(parents=True, exist_ok=True)
         self.wandb, self.group = wandb, group
@@ -156,7 +180,8 @@ class MetricsLog:
     def __init__(self, path: str | Path, phase: str, enabled: bool, progress: str = "auto",
                  wandb_run: WandbRun | None = None, stream=sys.stdout):
         self.path, self.phase, self.enabled = Path(path), phase, enabled
-        self.progress = Progress(phase, progress, stream)
+        self.mode, self.stream = progress, stream
+        self.progress: Progress | None = None  # the phase's meter, from meter()
         self.wandb = wandb_run if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,15 +198,37 @@ class MetricsLog:
             if out:
                 self.wandb.log(out, step=fields["step"])
 
-    def say(self, msg: str) -> None:
+    def meter(self, total: float, done: float = 0, unit: str = "img") -> None:
+        """Start the phase's progress meter (a bar or plain lines, per ``logging.progress``)."""
         if self.enabled:
-            self.progress.say(msg)
+            self.progress = Progress(self.phase, total, done, unit, self.mode, self.stream)
 
-    def update(self, step: int, total: int, text: str) -> None:
-        if self.enabled:
-            self.progress.update(step, total, text)
+    def advance(self, n: float) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
+
+    def rate_eta(self) -> tuple[float, str]:
+        """(units per second, ETA as h:mm:ss) of the meter; (0, '') on ranks that do not log."""
+        if self.progress is None:
+            return 0.0, ""
+        return self.progress.rate, fmt_eta(self.progress.eta)
+
+    def show(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.show(text)
+
+    def say(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.say(msg)
+        else:
+            print(f"[{self.phase}] {msg}", file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -200,50 +247,3 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:  # a line cut short by a kill; the rest is still good
                 continue
     return out
-
-
-class Throughput:
-    """img/s over the last logging window and ETA from the phase's average step time."""
-
-    def __init__(self, total_steps: int, done_steps: int):
-        self.total, self.start_done = total_steps, done_steps
-        self.t0 = self.t_last = time.perf_counter()
-        self.imgs = 0
-
-    def add(self, images: int) -> None:
-        self.imgs += images
-
-    def window(self, done_steps: int) -> tuple[float, float]:
-        now = time.perf_counter()
-        rate = self.imgs / max(now - self.t_last, 1e-9)
-        self.imgs, self.t_last = 0, now
-        per_step = (now - self.t0) / max(done_steps - self.start_done, 1)
-        return rate, per_step * (self.total - done_steps)
-
-
-def read_wandb_offline(path: str | Path):
-    """Yield the ``wandb_internal_pb2.Record``s of an offline ``run-*.wandb`` file.
-
-    The file is W&B's 7-byte header followed by a LevelDB-style log (32 KiB blocks of chunks: crc32,
-    length, type FULL/FIRST/MIDDLE/LAST). Lets tests and users inspect offline runs without a server.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B run file")
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            pos += left
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            yield rec

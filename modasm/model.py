@@ -13,9 +13,11 @@ from functools import partial
 
 import torch
 from torch import nn
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import ModelConfig
+from .errors import UserError
 
 # Top-level children of timm's VisionTransformer and the module that owns them.
 _FIRST = ("cls_token", "reg_token", "pos_embed", "patch_embed", "pos_drop", "patch_drop", "norm_pre")
@@ -34,12 +36,15 @@ def hybrid_layout(split: list[int], k: int) -> list[int]:
 
 def build_vit(cfg: ModelConfig, layout: list[int], drop_path: float = 0.0) -> VisionTransformer:
     """A timm ViT of depth ``sum(layout)``; drop path grows linearly over that whole depth."""
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depth=sum(layout),
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
         norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps), drop_path_rate=drop_path,
     )
+    if cfg.cls_token_init == "paper":  # the paper's timm 0.3.2; timm >= 0.9 draws N(0, 1e-6)
+        trunc_normal_(vit.cls_token, std=0.02)
+    return vit
 
 
 def block_range(layout: list[int], m: int) -> range:
@@ -95,12 +100,12 @@ def load_module_state(model: nn.Module, layout: list[int], m: int, state: dict[s
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"{source}: module {m} tensors do not match the model "
+        raise UserError(f"{source}: module {m} tensors do not match the model "
                          f"(missing {missing[:5]}, unexpected {extra[:5]})")
     target = model.state_dict()
     for local, t in state.items():
         if tuple(t.shape) != expected[local]:
-            raise ValueError(f"{source}: tensor {local!r} of module {m} has shape {tuple(t.shape)}, "
+            raise UserError(f"{source}: tensor {local!r} of module {m} has shape {tuple(t.shape)}, "
                              f"the model expects {expected[local]}")
         target[global_name(local, layout, m)].copy_(t)
 
@@ -151,12 +156,14 @@ def split_modules(model: nn.Module, layout: list[int]) -> dict[int, dict[str, to
     return {m: module_state(model, layout, m) for m in range(len(layout))}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms, tokens and position embeddings (as timm/DeiT)."""
+def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
+    """AdamW groups: no decay on biases and norms, nor (unless ``decay_tokens``) on the class/register
+    tokens and position embedding (as timm/DeiT)."""
+    tokens = () if decay_tokens else ("cls_token", "pos_embed", "reg_token")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed", "reg_token") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in tokens else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -7,15 +7,18 @@ any training), runs the shared loop and writes its own shard set. Paths come fro
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from . import dist, seeds
 from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
-from . import dist
 from .dist import DistInfo
+from .errors import UserError
 from .metrics import MetricsLog, WandbRun, wandb_mode
 from .shards import ShardError, load_modules, read_manifest, save_shards
 from .train import Job, finished, train
@@ -47,11 +50,6 @@ def _cached_datasets(recipe: Recipe):
                                                                    recipe.aug))
 
 
-def _datasets(recipe: Recipe, data):
-    """(train, val) from ``data`` (a loader shared by the pipeline) or, if None, read now."""
-    return (data or _cached_datasets(recipe))()
-
-
 def _logger(recipe: Recipe, label: str, section: str, out: Path):
     """JSON lines of the phase, mirrored to a W&B run (group = pipeline, job_type = phase) on rank 0."""
     def make(info: DistInfo) -> MetricsLog:
@@ -79,47 +77,10 @@ def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> 
                aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction)
 
 
-def _finished(recipe: Recipe, section: str, out: Path, label: str, info: DistInfo) -> dict | None:
-    return finished(out, label, info, fingerprint(recipe.to_dict(), section), section)
-
-
-def _seed(recipe: Recipe, salt: int) -> None:
-    # Same initial weights on every rank (DeepSpeed also broadcasts them) and across re-runs.
-    torch.manual_seed(recipe.run.seed * 7919 + salt)
-
-
-def run_meta(recipe: Recipe, info: DistInfo, data=None) -> dict:
-    out = phase_dir(recipe, "meta")
-    if (done := _finished(recipe, "meta", out, "meta", info)) is not None:
-        return done
-    data = _datasets(recipe, data)
-    _seed(recipe, 1)
-    model = M.build_meta(recipe.model, recipe.meta.drop_path).to(info.device)
-    layout = M.meta_layout(recipe.model.K)
-    return train(_job(recipe, "meta", "meta", out, model, _exporter(recipe, "meta", layout, out)), *data, info)
-
-
 def load_meta(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
     modules, _ = load_modules(export_dir(recipe, "meta"), model_cfg=recipe.model,
                               modules=list(range(recipe.model.K)), phase="meta")
     return modules
-
-
-def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
-    K = recipe.model.K
-    if not 0 <= k < K:
-        raise ValueError(f"--module {k} is out of range: the recipe's split has K={K} modules (0..{K - 1})")
-    out = phase_dir(recipe, "incubate", k)
-    label = f"incubate[{k}]"
-    if (done := _finished(recipe, "incubate", out, label, info)) is not None:
-        return done
-    meta = load_meta(recipe)  # verified before anything trains
-    data = _datasets(recipe, data)
-    _seed(recipe, 100 + k)
-    model = M.build_hybrid(recipe.model, k, meta, recipe.incubate.drop_path).to(info.device)
-    layout = M.hybrid_layout(recipe.model.split, k)
-    return train(_job(recipe, label, "incubate", out, model,
-                      _exporter(recipe, "incubate", layout, out, only=k)), *data, info)
 
 
 def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
@@ -139,26 +100,71 @@ def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
     return modules
 
 
-def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
-    out = phase_dir(recipe, "assemble")
-    if (done := _finished(recipe, "assemble", out, "assemble", info)) is not None:
+@dataclass(frozen=True)
+class PhaseSpec:
+    """What sets one phase apart from the others; ``run_phase`` does the rest the same way for all."""
+    name: str                  # its recipe section and directory under runs/<run>/
+    salt: Callable[[int | None], int]  # of the seed of its fresh weights (seeds.init); k for incubation
+    inputs: Callable[[Recipe, int | None], object]  # upstream shards, loaded and verified before training
+    build: Callable[[Recipe, int | None, object], torch.nn.Module]  # (recipe, k, inputs) -> model to train
+    layout: Callable[[Recipe, int | None], list[int]]  # blocks per module of that model
+
+
+_TARGET = lambda recipe, k: list(recipe.model.split)  # noqa: E731
+PHASES = {
+    "meta": PhaseSpec("meta", lambda k: 1, lambda recipe, k: None,
+                      lambda recipe, k, _: M.build_meta(recipe.model, recipe.meta.drop_path),
+                      lambda recipe, k: M.meta_layout(recipe.model.K)),
+    "incubate": PhaseSpec("incubate", lambda k: 100 + k, lambda recipe, k: load_meta(recipe),
+                          lambda recipe, k, meta: M.build_hybrid(recipe.model, k, meta, recipe.incubate.drop_path),
+                          lambda recipe, k: M.hybrid_layout(recipe.model.split, k)),
+    "assemble": PhaseSpec("assemble", lambda k: 3, lambda recipe, k: load_incubated(recipe),
+                          lambda recipe, k, mods: M.build_target(recipe.model, recipe.assemble.drop_path, mods),
+                          _TARGET),
+    "e2e": PhaseSpec("e2e", lambda k: 2, lambda recipe, k: None,
+                     lambda recipe, k, _: M.build_target(recipe.model, recipe.e2e.drop_path), _TARGET),
+}
+
+
+def label(phase: str, k: int | None = None) -> str:
+    return phase if k is None else f"{phase}[{k}]"
+
+
+def run_phase(recipe: Recipe, phase: str, info: DistInfo, k: int | None = None, data=None) -> dict:
+    """Run one phase (incubation: of module ``k``) to its shard set; a finished phase returns its metrics.
+
+    ``data``: a zero-argument loader of (train, val) shared by the phases of one process (read once).
+    """
+    spec = PHASES[phase]
+    if phase == "incubate" and not 0 <= k < recipe.model.K:
+        raise UserError(f"--module {k} is out of range: the recipe's split has K={recipe.model.K} modules "
+                        f"(0..{recipe.model.K - 1})")
+    out, name = phase_dir(recipe, phase, k), label(phase, k)
+    if (done := finished(out, name, info, fingerprint(recipe.to_dict(), phase), phase)) is not None:
         return done
-    modules = load_incubated(recipe)
-    data = _datasets(recipe, data)
-    model = M.build_target(recipe.model, recipe.assemble.drop_path, modules).to(info.device)
-    return train(_job(recipe, "assemble", "assemble", out, model,
-                      _exporter(recipe, "assemble", recipe.model.split, out)), *data, info)
+    inputs = spec.inputs(recipe, k)  # verified before anything trains
+    train_ds, val_ds = (data or _cached_datasets(recipe))()
+    torch.manual_seed(seeds.init(recipe.run.seed, spec.salt(k)))  # the same weights on every rank and re-run
+    model = spec.build(recipe, k, inputs).to(info.device)
+    layout = spec.layout(recipe, k)
+    return train(_job(recipe, name, phase, out, model, _exporter(recipe, phase, layout, out, only=k)),
+                 train_ds, val_ds, info)
+
+
+def run_meta(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    return run_phase(recipe, "meta", info, data=data)
+
+
+def run_incubate(recipe: Recipe, k: int, info: DistInfo, data=None) -> dict:
+    return run_phase(recipe, "incubate", info, k, data)
+
+
+def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    return run_phase(recipe, "assemble", info, data=data)
 
 
 def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
-    out = phase_dir(recipe, "e2e")
-    if (done := _finished(recipe, "e2e", out, "e2e", info)) is not None:
-        return done
-    data = _datasets(recipe, data)
-    _seed(recipe, 2)
-    model = M.build_target(recipe.model, recipe.e2e.drop_path).to(info.device)
-    return train(_job(recipe, "e2e", "e2e", out, model, _exporter(recipe, "e2e", recipe.model.split, out)),
-                 *data, info)
+    return run_phase(recipe, "e2e", info, data=data)
 
 
 def module_cost(split: list[int], k: int) -> int:
@@ -192,7 +198,7 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
         return {module: run_incubate(recipe, module, info)}
     G = recipe.incubate.groups or dist.default_groups(K, info.world)
     if G > K:
-        raise ValueError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
+        raise UserError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
     info = dist.split_world(info, G)
     mine = deal(recipe.model.split, G)[info.module_group]
     if info.is_main:
@@ -211,10 +217,7 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
     data = _cached_datasets(recipe)
-    if run_meta(recipe, info, data).get("interrupted"):
-        return
-    for k in range(recipe.model.K):
-        if run_incubate(recipe, k, info, data).get("interrupted"):
+    steps = [("meta", None)] + [("incubate", k) for k in range(recipe.model.K)] + [("assemble", None), ("e2e", None)]
+    for phase, k in steps:
+        if run_phase(recipe, phase, info, k, data).get("interrupted"):
             return
-    if not run_assemble(recipe, info, data).get("interrupted"):
-        run_e2e(recipe, info, data)

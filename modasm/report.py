@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
 from .metrics import read_jsonl
 from .shards import read_manifest
 
@@ -149,7 +150,7 @@ def _save(fig, path: Path) -> Path:
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "meta").is_dir() and not (run_dir / "e2e").is_dir():
-        raise ValueError(f"{run_dir} holds no phase output (expected meta/ or e2e/): pass runs/<run.name>")
+        raise UserError(f"{run_dir} holds no phase output (expected meta/ or e2e/): pass runs/<run.name>")
     out = run_dir / "report"
     rows = collect(run_dir)
     plots = plot(run_dir, out)

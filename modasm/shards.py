@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,7 +28,7 @@ SHAPE_KEYS = ("embed_dim", "num_heads", "patch_size", "img_size", "in_chans", "n
               "mlp_ratio", "qkv_bias")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard set that must not be loaded; the message names the file and the mismatch."""
 
 

@@ -1,12 +1,13 @@
 """The one training loop every phase uses: step, accumulate, clip, evaluate, checkpoint, resume.
 
-``train(job)`` trains ``job.model`` (whatever of it has ``requires_grad``) through a DeepSpeed
-engine, evaluates on the sharded validation set, saves resume state, and finally hands the trained
-model to ``job.export``. Re-running a finished job does nothing; re-running an interrupted one
-resumes from its newest complete checkpoint at the exact batch.
+``train(job, train_ds, val_ds, info)`` trains ``job.model`` (whatever of it has ``requires_grad``)
+through a DeepSpeed engine, evaluates on the sharded validation set, saves resume state, and finally
+hands the trained model to ``job.export``. Re-running a finished job does nothing; re-running an
+interrupted one resumes from its newest complete checkpoint at the exact batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from . import engine as ds
+from . import seeds
 from .config import AugConfig, DeepSpeedConfig, PhaseConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
-from .data import Batch, DataHealth, SeededMixup, check_bad, eval_loader, set_epoch, train_loader
+from .data import Bad, Batch, SeededMixup, eval_loader, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
-from .metrics import CostClock, MetricsLog, Throughput, fmt_eta
+from .errors import UserError
+from .metrics import CostClock, MetricsLog
 from .shards import read_manifest
 
 _STOP = {"requested": False}
@@ -82,13 +85,71 @@ class Job:
         return self.out / "export"
 
 
+@dataclass
+class TrainState:
+    """What a resume restores besides the engine (saved as DeepSpeed's client state)."""
+    step: int = 0                  # optimizer steps done
+    wall_seconds: float = 0.0      # of this phase, across resumes
+    device_seconds: float = 0.0
+    last_eval: dict | None = None
+    best_top1: float | None = None  # the best evaluation so far (the paper reports the best epoch)
+    samples_read: int = 0          # training samples read (group total), and how many were unreadable
+    bad_samples: int = 0
+
+    @classmethod
+    def from_client(cls, client: dict) -> "TrainState":
+        return cls(**{f.name: client[f.name] for f in dataclasses.fields(cls) if f.name in client})
+
+
+# ---------------------------------------------------------------- unreadable samples
+
+
+def check_bad(bad: int, read: int, max_fraction: float, what: str, examples: list[Bad], at_least: int = 0) -> None:
+    if bad and bad > max_fraction * max(read, at_least):
+        e = (f"; e.g. {examples[0].where} (key {examples[0].key}: {examples[0].reason})" if examples
+             else " (examples on the other ranks)")
+        raise UserError(f"{bad} of {read} {what} samples read so far ({bad / read:.2%}) were unreadable, more than "
+                        f"data.max_bad_fraction={max_fraction}{e}. Repair or remove those files (or re-make the "
+                        "shards with launch/make_shards.py), or raise data.max_bad_fraction")
+
+
+class DataHealth:
+    """Unreadable samples of a phase: counted per rank, summed over the group at log/eval time.
+
+    ``read``/``bad`` are group totals as of the last ``sync`` (kept in resume state). A phase stops with
+    a UserError once more than ``max_fraction`` of the samples read were bad, counting at least one
+    epoch's worth (``epoch``): a few bad samples early in the first epoch do not stop a phase that
+    stays under the limit.
+    """
+
+    def __init__(self, max_fraction: float, read: int = 0, bad: int = 0, epoch: int = 0):
+        self.max_fraction, self.read, self.bad, self.epoch = max_fraction, read, bad, epoch
+        self._read = self._bad = 0
+        self.examples: list[Bad] = []
+
+    def add(self, batch: Batch) -> None:
+        self._read += len(batch.keys) + len(batch.bad)
+        self._bad += len(batch.bad)
+        self.examples += batch.bad[:max(0, 5 - len(self.examples))]
+
+    def sync(self, info: DistInfo) -> None:
+        t = all_reduce_sum(torch.tensor([self._read, self._bad], dtype=torch.float64, device=info.device), info)
+        self.read += int(t[0].item())
+        self.bad += int(t[1].item())
+        self._read = self._bad = 0
+        check_bad(self.bad, self.read, self.max_fraction, "training", self.examples, self.epoch)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
 @torch.no_grad()
 def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
              max_bad_fraction: float | None = None) -> dict:
     """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once.
 
     Unreadable samples are skipped and counted (``eval_bad_samples``); past ``max_bad_fraction`` of
-    the samples read, a ValueError.
+    the samples read, a UserError.
     """
     was_training = model.training
     model.eval()
@@ -116,20 +177,7 @@ def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
             "eval_loss": sums[2].item() / n, "eval_samples": int(sums[3].item()), "eval_bad_samples": bad}
 
 
-def _blank(model: torch.nn.Module, info: DistInfo, dtype) -> torch.Tensor:
-    """One zero image of the model's input shape (a micro-batch whose samples were all unreadable)."""
-    pe = model.patch_embed
-    return torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=info.device, dtype=dtype)
-
-
-def _loss(eng, batch: Batch, cfg: PhaseConfig, mixup: SeededMixup | None, mix_seed: int, info: DistInfo, dtype):
-    if batch.x is None:  # a zero-weight step keeps this rank in lockstep with the others (DeepSpeed collectives)
-        return eng(_blank(eng.module, info, dtype)).float().sum() * 0.0
-    x, y = batch.x.to(info.device), batch.y.to(info.device)
-    if mixup is None:
-        return F.cross_entropy(eng(x.to(dtype)).float(), y, label_smoothing=cfg.label_smoothing)
-    x, soft = mixup(x, y, mix_seed)  # mixed in fp32, smoothing inside the soft targets
-    return SoftTargetCrossEntropy()(eng(x.to(dtype)).float(), soft)
+# ---------------------------------------------------------------- finished phases and changed settings
 
 
 def _refuse_changes(old: dict | None, new: dict | None, what: Path, out: Path) -> None:
@@ -137,8 +185,8 @@ def _refuse_changes(old: dict | None, new: dict | None, what: Path, out: Path) -
         return
     changes = fingerprint_changes(old, new)
     if changes:
-        raise ValueError(f"{what} was made with other settings ({'; '.join(changes[:5])}); run the original "
-                         f"recipe, choose a new run.name, or move {out} aside to redo this phase")
+        raise UserError(f"{what} was made with other settings ({'; '.join(changes[:5])}); run the original "
+                        f"recipe, choose a new run.name, or move {out} aside to redo this phase")
 
 
 def finished(out: Path, label: str, info: DistInfo, fingerprint: dict | None = None,
@@ -157,121 +205,170 @@ def finished(out: Path, label: str, info: DistInfo, fingerprint: dict | None = N
     return done["metrics"]
 
 
-def _plan(job: Job, n_train: int, world: int) -> tuple[int, int, int]:
-    """(micro-batch per rank, optimizer steps per epoch, total steps) of a job."""
-    cfg = job.cfg
-    micro = ds.micro_batch(cfg, world, job.section)
-    steps_per_epoch = (n_train // world) // micro // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise ValueError(f"{job.section}: {n_train} training samples give no full optimizer step of "
-                         f"{cfg.batch_size}; lower {job.section}.batch_size")
-    return micro, steps_per_epoch, cfg.epochs * steps_per_epoch
+# ---------------------------------------------------------------- the loop
 
 
 def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     if (done := finished(job.out, job.label, info, job.fingerprint, job.section)) is not None:
         return done
-    cfg = job.cfg
-    micro, steps_per_epoch, total = _plan(job, len(train_ds), info.world)
-    loader = train_loader(train_ds, micro, info.rank, info.world, job.seed, job.workers)
+    plan = ds.plan(job.cfg, info.world, job.section, len(train_ds))
+    loader = train_loader(train_ds, plan.micro, info.rank, info.world, job.workers)
     val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
     newest = ds.latest(job.ckpt_dir)
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
-    eng, sched = ds.build_engine(job.model, cfg, job.ds, info, job.section, total, steps_per_epoch)
+    eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan)
     log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
     try:
-        return _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoch, total)
+        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest)
     finally:
         log.close()
 
 
-def _loop(job, eng, sched, loader, val, log, info, newest, micro, steps_per_epoch, total) -> dict:
-    cfg = job.cfg
-    state = {"step": 0, "wall_seconds": 0.0, "device_seconds": 0.0, "last_eval": None, "samples_read": 0,
-             "bad_samples": 0}
-    if newest is not None:
-        client = ds.load(eng, job.ckpt_dir, newest[0], info)
-        state.update({k: client.get(k, state[k]) for k in state})
-        log.say(f"resuming from step {state['step']}/{total} ({job.ckpt_dir / ds.tag(state['step'])})")
-    else:
-        torch.manual_seed(job.seed + 1000 * info.rank)  # drop path / dropout; data has its own seeds
-        log.write("start", total_steps=total, steps_per_epoch=steps_per_epoch, world=info.world,
-                  micro_batch=micro, batch_size=cfg.batch_size, base_hours=job.base_hours,
-                  trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
-                  total_params=sum(p.numel() for p in job.model.parameters()))
-    clock = CostClock(info.world, state["wall_seconds"], state["device_seconds"], job.base_hours)
-    health = DataHealth(job.max_bad_fraction, state["samples_read"], state["bad_samples"],
-                        epoch=steps_per_epoch * cfg.accum_steps * micro * info.world)
-    mixup = SeededMixup(job.aug, cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
+class _Run:
+    """One run of a phase's loop, from a fresh start or a checkpoint to its end or a stop request."""
 
-    def checkpoint():
-        health.sync(info)
-        state.update(samples_read=health.read, bad_samples=health.bad)
-        clock.tick()
-        state.update(wall_seconds=clock.wall, device_seconds=clock.device)
-        ds.save(eng, job.ckpt_dir, state["step"], dict(state), cfg.keep_ckpts, info,
-                marker={"fingerprint": job.fingerprint})
+    def __init__(self, job: Job, plan: ds.Plan, eng, sched: ds.Schedule, train_ds, loader, val, log: MetricsLog,
+                 info: DistInfo):
+        self.job, self.cfg, self.plan, self.eng, self.sched = job, job.cfg, plan, eng, sched
+        self.train_ds, self.loader, self.val, self.log, self.info = train_ds, loader, val, log, info
+        self.mixup = SeededMixup(job.aug, job.cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
+        self.dtype = ds.input_dtype(eng)
 
-    meter = Throughput(total, state["step"])
-    eng.train()
-    dtype = ds.input_dtype(eng)
-    while state["step"] < total:
-        epoch, in_epoch = divmod(state["step"], steps_per_epoch)
-        set_epoch(loader, epoch, start=in_epoch * cfg.accum_steps * micro)
-        n_micro = (steps_per_epoch - in_epoch) * cfg.accum_steps
-        for i, batch in enumerate(loader):
+    def run(self, newest) -> dict:
+        job, plan, info, log = self.job, self.plan, self.info, self.log
+        self.state = TrainState()
+        if newest is not None:
+            self.state = TrainState.from_client(ds.load(self.eng, job.ckpt_dir, newest[0], info))
+            self.sched.restore(self.state.step)
+            log.say(f"resuming from step {self.state.step}/{plan.total} ({job.ckpt_dir / ds.tag(self.state.step)})")
+        else:
+            torch.manual_seed(seeds.rank(job.seed, info.rank))  # drop path / dropout; data has its own seeds
+            log.say(f"plan: {plan.describe(self.cfg.batch_size)}")
+            log.write("start", total_steps=plan.total, steps_per_epoch=plan.steps_per_epoch, world=info.world,
+                      micro_batch=plan.micro, accum_steps=plan.accum, batch_size=self.cfg.batch_size,
+                      base_hours=job.base_hours,
+                      trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
+                      total_params=sum(p.numel() for p in job.model.parameters()))
+        self.clock = CostClock(info.world, self.state.wall_seconds, self.state.device_seconds, job.base_hours)
+        self.health = DataHealth(job.max_bad_fraction, self.state.samples_read, self.state.bad_samples,
+                                 epoch=plan.steps_per_epoch * plan.accum * plan.micro * info.world)
+        per_step = self.cfg.batch_size
+        log.meter(plan.total * per_step, self.state.step * per_step)
+        self.eng.train()
+        while self.state.step < plan.total:
+            stopped = self.train_epoch()
+            if self.state.step % plan.steps_per_epoch == 0:  # the epoch is complete (also when stopped at its end)
+                self.maybe_evaluate()
+                self.sched.after_epoch(self.state.step // plan.steps_per_epoch - 1)
+            self.checkpoint()
+            if stopped:
+                log.say(f"stop requested: saved step {self.state.step}; re-run the same command to resume")
+                return {"interrupted": True, "step": self.state.step}
+        return self.finish()
+
+    # -- an epoch (or what is left of it after a resume) and its steps
+
+    def train_epoch(self) -> bool:
+        """Train to the end of the current epoch; True when a stop was requested (at ``state.step``)."""
+        plan, cfg = self.plan, self.cfg
+        epoch, in_epoch = divmod(self.state.step, plan.steps_per_epoch)
+        self.train_ds.set_epoch(epoch, start=in_epoch * plan.accum * plan.micro)
+        n_micro = (plan.steps_per_epoch - in_epoch) * plan.accum
+        seen = 0
+        for i, batch in enumerate(self.loader):
             if i == n_micro:
                 break
-            health.add(batch)
-            micro_no = in_epoch * cfg.accum_steps + i  # of this epoch: seeds the mixup draws
-            mix_seed = ((job.seed * 1_000_003 + epoch) * 1_000_033 + micro_no) * 4099 + info.rank
-            loss = _loss(eng, batch, cfg, mixup, mix_seed, info, dtype)
-            eng.backward(loss)
-            boundary = eng.is_gradient_accumulation_boundary()
-            step_no = state["step"] + 1
-            logging_step = boundary and (step_no % cfg.log_every_steps == 0 or step_no == total)
-            pre_norm = ds.grad_norm_before_step(eng) if logging_step else None
-            lr = sched.get_last_lr()[0]
-            eng.step()
-            meter.add(micro * info.world)
-            if not boundary:
-                continue
-            state["step"] = step_no
-            if logging_step:
-                health.sync(info)
-                clock.tick()
-                rate, eta = meter.window(step_no)
-                gn = pre_norm if pre_norm is not None else eng.get_global_grad_norm()
-                log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
-                          grad_norm=None if gn is None else float(gn), bad_samples=health.bad, **clock.fields())
-                log.update(step_no, total, f"ep {epoch + 1}/{cfg.epochs} step {step_no}/{total} "
-                           f"loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} img/s ETA {fmt_eta(eta)}")
-            if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % steps_per_epoch:
-                checkpoint()
-            if stop_requested(info):
-                checkpoint()
-                log.say(f"stop requested: saved step {step_no}; re-run the same command to resume")
-                return {"interrupted": True, "step": step_no}
-        epoch_done = state["step"] // steps_per_epoch
-        if epoch_done % cfg.eval_every_epochs == 0 or state["step"] == total:
-            metrics = evaluate(eng, val, info, dtype, job.max_bad_fraction)
-            clock.tick()
-            state["last_eval"] = {**metrics, "epoch": epoch_done, "step": state["step"]}
-            log.write("eval", step=state["step"], epoch=epoch_done, **metrics, **clock.fields())
-            log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
-        checkpoint()
+            seen += 1
+            if self.micro_step(batch, epoch, in_epoch * plan.accum + i):
+                if stop_requested(self.info):
+                    return True
+                step_no = self.state.step
+                if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % plan.steps_per_epoch:
+                    self.checkpoint()
+        if seen < n_micro:
+            raise UserError(f"{self.job.label}: epoch {epoch} gave {seen} of the {n_micro} micro-batches planned on "
+                            f"rank {self.info.rank}: the training data changed under the run (fewer samples than "
+                            "when the phase was planned); restore it, or move the phase's directory aside to restart")
+        return False
 
-    clock.tick()
-    final = {**(state["last_eval"] or {}), **clock.fields(), "steps": total, "world": info.world,
-             "bad_samples": state["bad_samples"]}
-    with ds.full_params(eng):
-        if info.is_main:
-            job.export(eng.module, total, final)
-    barrier(info)
-    log.write("done", **final)
-    if log.wandb is not None:
-        log.wandb.log_shards(job.label, job.export_dir)
-    log.say(f"done: top-1 {final.get('top1', float('nan')):.2f}%, {final['device_seconds']:.0f} device-s; "
-            f"shards in {job.export_dir}")
-    return final
+    def micro_step(self, batch: Batch, epoch: int, micro_no: int) -> bool:
+        """Forward/backward one micro-batch (the optimizer steps at accumulation boundaries); True at one."""
+        cfg, plan, info, eng = self.cfg, self.plan, self.info, self.eng
+        self.health.add(batch)
+        loss = self._loss(batch, seeds.mixup(self.job.seed, epoch, micro_no, info.rank))
+        eng.backward(loss)
+        boundary = eng.is_gradient_accumulation_boundary()
+        step_no = self.state.step + 1
+        logging_step = boundary and (step_no % cfg.log_every_steps == 0 or step_no == plan.total)
+        pre_norm = ds.grad_norm_before_step(eng) if logging_step else None
+        lr = self.sched.lr
+        eng.step()
+        self.log.advance(plan.micro * info.world)
+        if not boundary:
+            return False
+        self.state.step = step_no
+        self.sched.after_step(step_no)
+        if logging_step:
+            self.log_step(epoch, loss, lr, pre_norm)
+        return True
+
+    def _loss(self, batch: Batch, mix_seed: int) -> torch.Tensor:
+        eng, info, dtype = self.eng, self.info, self.dtype
+        if batch.x is None:  # a zero-weight step keeps this rank in lockstep with the others (DeepSpeed collectives)
+            pe = eng.module.patch_embed
+            blank = torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=info.device, dtype=dtype)
+            return eng(blank).float().sum() * 0.0
+        x, y = batch.x.to(info.device), batch.y.to(info.device)
+        if self.mixup is None:
+            return F.cross_entropy(eng(x.to(dtype)).float(), y, label_smoothing=self.cfg.label_smoothing)
+        x, soft = self.mixup(x, y, mix_seed)  # mixed in fp32, smoothing inside the soft targets
+        return SoftTargetCrossEntropy()(eng(x.to(dtype)).float(), soft)
+
+    def log_step(self, epoch: int, loss: torch.Tensor, lr: float, pre_norm: float | None) -> None:
+        step_no, total, log = self.state.step, self.plan.total, self.log
+        self.health.sync(self.info)
+        self.clock.tick()
+        rate, eta = log.rate_eta()
+        gn = pre_norm if pre_norm is not None else self.eng.get_global_grad_norm()
+        log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
+                  grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **self.clock.fields())
+        log.show(f"ep {epoch + 1}/{self.cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} lr {lr:.2e} "
+                 f"{rate:.0f} img/s ETA {eta}")
+
+    # -- evaluation, checkpoints, the end
+
+    def maybe_evaluate(self) -> None:
+        epoch_done = self.state.step // self.plan.steps_per_epoch
+        if epoch_done % self.cfg.eval_every_epochs and self.state.step != self.plan.total:
+            return
+        metrics = evaluate(self.eng, self.val, self.info, self.dtype, self.job.max_bad_fraction)
+        self.clock.tick()
+        self.state.last_eval = {**metrics, "epoch": epoch_done, "step": self.state.step}
+        self.state.best_top1 = max(self.state.best_top1 or metrics["top1"], metrics["top1"])
+        self.log.write("eval", step=self.state.step, epoch=epoch_done, **metrics, **self.clock.fields())
+        self.log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
+
+    def checkpoint(self) -> None:
+        self.health.sync(self.info)
+        self.clock.tick()
+        self.state.samples_read, self.state.bad_samples = self.health.read, self.health.bad
+        self.state.wall_seconds, self.state.device_seconds = self.clock.wall, self.clock.device
+        ds.save(self.eng, self.job.ckpt_dir, self.state.step, dataclasses.asdict(self.state), self.cfg.keep_ckpts,
+                self.info, marker={"fingerprint": self.job.fingerprint})
+
+    def finish(self) -> dict:
+        job, log, info = self.job, self.log, self.info
+        self.clock.tick()
+        final = {**(self.state.last_eval or {}), **self.clock.fields(), "steps": self.plan.total, "world": info.world,
+                 "bad_samples": self.state.bad_samples, "best_top1": self.state.best_top1}
+        with ds.full_params(self.eng):
+            if info.is_main:
+                job.export(self.eng.module, self.plan.total, final)
+        barrier(info)
+        log.write("done", **final)
+        if log.wandb is not None:
+            log.wandb.log_shards(job.label, job.export_dir)
+        log.say(f"done: top-1 {final.get('top1', float('nan')):.2f}%, {final['device_seconds']:.0f} device-s; "
+                f"shards in {job.export_dir}")
+        return final

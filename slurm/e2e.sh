@@ -9,5 +9,4 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
-source "${MODASM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/env.sh"
-modasm_launch launch/e2e.py "$@"
+exec bash "${MODASM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/phase.sh" e2e "$@"

@@ -13,5 +13,4 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
-source "${MODASM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/env.sh"
-modasm_launch launch/incubate.py "$@"   # reads SLURM_ARRAY_TASK_ID itself
+exec bash "${MODASM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/phase.sh" incubate "$@"

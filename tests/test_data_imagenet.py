@@ -15,12 +15,14 @@ from torch.utils.data import DataLoader
 
 import photos
 from conftest import ROOT, launch_env
-from modasm import phases, train, webds
+from modasm import phases, train
 from modasm.config import AugConfig, DataConfig, load_recipe
-from modasm.data import (Bad, ImageFolderDataset, SeededMixup, TrainSampler, build_datasets, collate,
-                         image_transforms, scan_imagefolder, set_epoch, train_loader)
+from modasm.data import Bad, SeededMixup, TrainSampler, build_datasets, collate, image_transforms, train_loader
+from modasm.data import wds as webds
+from modasm.data.imagefolder import ImageFolderDataset
+from modasm.data.imagefolder import scan as scan_imagefolder
+from modasm.data.writer import make_shards
 from modasm.metrics import read_jsonl
-from modasm.shardwriter import make_shards
 
 TINY_IMAGES = ROOT / "tests" / "recipes" / "tiny-images.yaml"
 TRAIN_COUNTS, VAL_COUNTS = [6, 10, 14, 18], [3, 4, 2, 5]  # uneven classes; 48 training images, 14 validation
@@ -36,8 +38,8 @@ def data(tmp_path_factory):
 
 
 def stream_keys(ds, rank=0, world=1, micro=1, workers=0, epoch=0, start=0):
-    loader = train_loader(ds, micro, rank, world, 0, workers)
-    set_epoch(loader, epoch, start)
+    loader = train_loader(ds, micro, rank, world, workers)
+    ds.set_epoch(epoch, start)
     return [(b.keys, float(b.x.double().sum())) for b in loader]
 
 
@@ -115,7 +117,7 @@ def test_stream_batches_do_not_depend_on_worker_count(data):
         assert stream_keys(train_ds, micro=3, workers=workers) == ref, workers
     assert stream_keys(train_ds, micro=3, workers=4, start=5 * 3) == ref[5:]  # resume with another worker count
     with pytest.raises(ValueError, match=r"data.num_workers=3 must divide data.stream_splits=4"):
-        train_loader(train_ds, 3, 0, 1, 0, 3)
+        train_loader(train_ds, 3, 0, 1, 3)
 
 
 def test_leftover_samples_and_repeated_augmentation(data):
@@ -275,7 +277,8 @@ def test_bad_files_and_cut_shards_become_bad_records(data, tmp_path):
     good = (tree / "train" / files[0]).read_bytes()
     (tmp_path / "class0" / "a.jpg").write_bytes(good[:len(good) // 3])
     (tmp_path / "class0" / "b.jpg").write_bytes(good)
-    ds = ImageFolderDataset(tmp_path, ["class0/a.jpg", "class0/b.jpg"], np.array([0, 0]), image_transforms(AugConfig(), 32)[0])
+    ds = ImageFolderDataset(tmp_path, ["class0/a.jpg", "class0/b.jpg"], np.array([0, 0]), image_transforms(AugConfig(), 32)[0],
+                            train=True)
     batch = collate([ds[(0, 1)], ds[(1, 2)]])
     assert batch.keys == ["class0/b"] and batch.x.shape == (1, 3, 32, 32)
     assert len(batch.bad) == 1 and batch.bad[0].key == "class0/a" and "truncated" in batch.bad[0].reason

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,31 +25,13 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from .data import sample_key, scan_imagefolder
-from .metrics import fmt_eta
-from .webds import CLASSES_FILE, index_path, write_index
+from ..errors import UserError
+from ..metrics import Progress, fmt_eta
+from .contract import sample_key
+from .imagefolder import scan
+from .wds import CLASSES_FILE, index_path, write_index
 
 SPLITS = ("train", "val")
-
-
-class _Progress:
-    """count, img/s and ETA, one line every few seconds and at the end of a split."""
-
-    def __init__(self, split: str, total: int, stream=sys.stdout, every: float = 5.0):
-        self.split, self.total, self.stream, self.every = split, total, stream, every
-        self.t0 = self.last = time.perf_counter()
-        self.done = self.written = 0
-
-    def add(self, n: int, written: bool, shard: int, shards: int) -> None:
-        self.done += n
-        self.written += n if written else 0
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.written / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            print(f"[make_shards] {self.split}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f} %), "
-                  f"shard {shard + 1}/{shards}, {rate:.0f} img/s, ETA {fmt_eta(eta)}", file=self.stream, flush=True)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -103,7 +84,7 @@ def _plan(src: Path, out: Path, split: str, files: list[str], shard_size: int, s
         old = json.loads(path.read_text())
         changed = [k for k in ("files", "files_sha256", "seed", "shard_size") if old.get(k) != plan[k]]
         if changed:
-            raise ValueError(f"{out} holds {split} shards of another plan ({', '.join(f'{k}: {old.get(k)} -> {plan[k]}' for k in changed)}): "
+            raise UserError(f"{out} holds {split} shards of another plan ({', '.join(f'{k}: {old.get(k)} -> {plan[k]}' for k in changed)}): "
                              "re-run with the original source, --seed and --shard-size, or write to a new directory")
     _atomic_json(path, plan)
     return order
@@ -111,12 +92,14 @@ def _plan(src: Path, out: Path, split: str, files: list[str], shard_size: int, s
 
 def make_split(src: Path, out: Path, split: str, classes: list[str], shard_size: int, seed: int,
                threads: int, stream=sys.stdout) -> Path:
-    split_classes, files, labels = scan_imagefolder(src / split)
+    split_classes, files, labels = scan(src / split)
     if split_classes != classes:
-        raise ValueError(f"{src / split}: its class directories differ from {src / 'train'}'s; both need the same classes")
+        raise UserError(f"{src / split}: its class directories differ from {src / 'train'}'s; both need the same classes")
     order = _plan(src, out, split, files, shard_size, seed)
     shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-    progress = _Progress(split, len(files), stream)
+    progress = Progress("make_shards", len(files), mode="auto", stream=stream)
+    progress.meter.set_description(f"[make_shards] {split}")
+    last = 0.0
     entries = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for i, idx in enumerate(shards):
@@ -127,7 +110,13 @@ def make_split(src: Path, out: Path, split: str, classes: list[str], shard_size:
                 _write_shard(path, src / split, [files[j] for j in idx], [int(labels[j]) for j in idx], pool)
             entries.append({"name": path.name, "bytes": path.stat().st_size, "keys": keys,
                             "labels": [int(labels[j]) for j in idx]})
-            progress.add(len(idx), not done, i, len(shards))
+            progress.advance(len(idx))
+            if progress.meter.format_dict["elapsed"] - last >= 5 or i == len(shards) - 1:  # a line every 5 s
+                last = progress.meter.format_dict["elapsed"]
+                n = progress.meter.n
+                progress.show(f"{split}: {n}/{len(files)} images ({100 * n / len(files):.1f} %), shard {i + 1}/"
+                              f"{len(shards)}, {progress.rate:.0f} img/s, ETA {fmt_eta(progress.eta)}")
+    progress.close()
     write_index(index_path(out, split), split, entries, classes)
     return index_path(out, split)
 
@@ -137,15 +126,15 @@ def make_shards(src: str | Path, out: str | Path, shard_size: int = 1000, seed: 
     """Shard ``src/<split>`` for each split present; returns the index files written."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     present = [s for s in splits if (src / s).is_dir()]
     if "train" not in present:
-        raise ValueError(f"{src}/train not found: the source must be an ImageFolder tree with train/ (and val/), "
+        raise UserError(f"{src}/train not found: the source must be an ImageFolder tree with train/ (and val/), "
                          "each holding one directory per class")
-    classes = scan_imagefolder(src / "train")[0]
+    classes = scan(src / "train")[0]
     out.mkdir(parents=True, exist_ok=True)
     cls_path = out / CLASSES_FILE
     if cls_path.is_file() and json.loads(cls_path.read_text()).get("classes") != classes:
-        raise ValueError(f"{cls_path} lists other classes than {src / 'train'}: write to a new directory")
+        raise UserError(f"{cls_path} lists other classes than {src / 'train'}: write to a new directory")
     _atomic_json(cls_path, {"classes": classes, "class_to_idx": {c: i for i, c in enumerate(classes)}})
     return [make_split(src, out, s, classes, shard_size, seed, threads, stream) for s in present]

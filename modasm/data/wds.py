@@ -37,11 +37,14 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .config import AugConfig, DataConfig
-from .data import IMAGE_EXTS, Bad, SeededTransform, collate, decode_image, image_transforms, key_hash, select_fraction
+from .. import seeds
+from ..config import AugConfig, DataConfig
+from ..errors import UserError
+from .contract import IMAGE_EXTS, Bad, collate, decode_image, key_hash, select_fraction
+from .transforms import SeededTransform, image_transforms
 
 INDEX_FORMAT = "modasm-webdataset-index/1"
 CLASSES_FILE = "classes.json"
@@ -71,7 +74,7 @@ def write_index(path: Path, split: str, shards: list[dict], classes: list[str] |
 def read_index(path: str | Path) -> ShardIndex:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"webdataset index {path} not found: make the shards with `launch/make_shards.py IMAGEFOLDER "
+        raise UserError(f"webdataset index {path} not found: make the shards with `launch/make_shards.py IMAGEFOLDER "
                          f"OUT` (it writes the index), or index existing shards with `launch/make_shards.py --index "
                          f"'SHARD-PATTERN' --split {path.name.split('-index')[0]} OUT`, and set data.root to OUT")
     try:
@@ -82,7 +85,7 @@ def read_index(path: str | Path) -> ShardIndex:
                           [s["keys"] for s in shards], [np.array(s["labels"], dtype=np.int64) for s in shards],
                           doc.get("classes"))
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise ValueError(f"{path} is not a modasm webdataset index ({type(e).__name__}: {e}); re-make it with "
+        raise UserError(f"{path} is not a modasm webdataset index ({type(e).__name__}: {e}); re-make it with "
                          "launch/make_shards.py --index") from None
 
 
@@ -92,7 +95,7 @@ def shard_urls(index: ShardIndex, root: Path, pattern: str, key: str) -> list[st
         urls = [str(root / n) for n in index.names]
         for url, name, size in zip(urls, index.names, index.sizes):
             if size and os.path.isfile(url) and os.path.getsize(url) != size:
-                raise ValueError(f"shard {url} has {os.path.getsize(url)} bytes but its index says {size}: the index "
+                raise UserError(f"shard {url} has {os.path.getsize(url)} bytes but its index says {size}: the index "
                                  "is stale; re-make the index (launch/make_shards.py --index) or the shards")
         return urls
     urls = list(braceexpand.braceexpand(pattern))
@@ -103,7 +106,7 @@ def shard_urls(index: ShardIndex, root: Path, pattern: str, key: str) -> list[st
             by_name[hits[0]] = url
     missing = [n for n in index.names if n not in by_name]
     if missing:
-        raise ValueError(f"{key}={pattern!r} expands to {len(urls)} URLs but names no shard {missing[0]!r} of the "
+        raise UserError(f"{key}={pattern!r} expands to {len(urls)} URLs but names no shard {missing[0]!r} of the "
                          f"index ({len(missing)} of {len(index.names)} shards missing); the pattern must name "
                          "every shard the index lists")
     return [by_name[n] for n in index.names]
@@ -158,9 +161,13 @@ class ShardStream(IterableDataset):
 
     def configure(self, rank: int, world: int, micro: int, workers: int) -> None:
         if self.train and workers and self.streams % workers:
-            raise ValueError(f"data.num_workers={workers} must divide data.stream_splits={self.streams} (each worker "
-                             "reads whole streams); change one of them")
-        self.rank, self.world, self.micro = rank, world, micro
+            raise UserError(f"data.num_workers={workers} must divide data.stream_splits={self.streams} (each worker "
+                            "reads whole streams); change one of them")
+        self.rank, self.world, self.micro, self.workers = rank, world, micro, workers
+
+    def loader(self) -> DataLoader:
+        # the stream batches itself; fresh workers each epoch copy the stream's epoch and start position
+        return DataLoader(self, batch_size=None, num_workers=self.workers)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """``start``: samples of this rank already consumed this epoch (a multiple of the micro-batch)."""
@@ -228,10 +235,7 @@ class ShardStream(IterableDataset):
         img = decode_image(raw[ext], url, key)
         if isinstance(img, Bad):
             return img
-        seed = None
-        if self.train:
-            base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-            seed = (base + key_hash(key) * self.repeats + copy) % 2**63
+        seed = seeds.sample(self.seed, self.epoch, key_hash(key), self.repeats, copy) if self.train else None
         return self.transform(img, seed), label, key
 
     # -- train: streams of whole micro-batches
@@ -248,7 +252,7 @@ class ShardStream(IterableDataset):
     def _stream(self, order, ends, v: int, first: int, raw: int, batches: int, skip: int):
         samples = self._read(order, ends, first, raw)
         copies = ((s, c) for s in samples for c in range(self.repeats))
-        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 65_537 + self.rank) * 1031 + v)
+        rng = random.Random(seeds.stream(self.seed, self.epoch, self.rank, v))
         shuffled = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(copies)
         for b in range(batches):
             batch = [next(shuffled) for _ in range(self.micro)]
@@ -256,7 +260,7 @@ class ShardStream(IterableDataset):
                 yield collate([self._decode(raw_sample, c) for raw_sample, c in batch])
 
     def _train(self, worker: int, workers: int):
-        g = np.random.default_rng([self.seed, self.epoch])
+        g = np.random.default_rng(seeds.shard_order(self.seed, self.epoch))
         order = g.permutation(len(self.selected))
         ends = self._sequence(order)
         done = self.start // self.micro  # micro-batches of this rank consumed this epoch
@@ -306,7 +310,7 @@ def _split(cfg: DataConfig, split: str, pattern: str, key: str, fraction: float 
         if limit_seed is None:  # eval: the first samples
             flat = flat[:limit]
         else:  # train: the first of a seeded permutation
-            flat = np.sort(flat[np.random.default_rng(limit_seed).permutation(len(flat))[:limit]])
+            flat = np.sort(flat[np.random.default_rng(seeds.subset(limit_seed)).permutation(len(flat))[:limit]])
     bounds = np.concatenate([[0], np.cumsum(counts)])
     selected = [flat[(flat >= a) & (flat < b)] - a for a, b in zip(bounds[:-1], bounds[1:])]
     return urls, index.names, selected

@@ -1,0 +1,50 @@
+"""Data: sources, the sample/batch contract, transforms, samplers, loaders.
+
+Sources (``data.source``): ``fashion-mnist`` (the embedded dataset, its own fixed transform; ``fmnist``),
+``imagefolder`` (``<root>/train/<class>/<image>``, map-style; ``imagefolder``) and ``webdataset`` (tar
+shards streamed from files or ``pipe:`` URLs; ``wds``). The image sources use timm's training transform
+(DeiT: RandAugment, random erasing) and batch-level mixup/cutmix (``transforms``).
+
+Every dataset has one interface (``source.py``): ``configure`` for a launch, ``set_epoch`` to position
+training, ``loader()``. Training data is sharded across ranks per epoch (every sample once per epoch,
+equal step counts); evaluation is sharded without padding, so accuracy counts each sample once.
+Augmentation is a function of (run seed, epoch, sample) only (``modasm.seeds``), never of worker count
+or process RNG, so a resumed run is bit-identical. Unreadable samples become ``Bad`` records that the
+collate drops from the batch; the training loop counts them and stops past ``data.max_bad_fraction``.
+Modules here import each other one way: contract <- transforms, samplers <- source <- the sources <- this.
+"""
+from __future__ import annotations
+
+from ..config import AugConfig, DataConfig
+from .contract import IMAGE_EXTS, Bad, Batch, collate, decode_image, key_hash, sample_key, select_fraction
+from .samplers import EvalSampler, TrainSampler
+from .transforms import SeededMixup, SeededTransform, image_transforms
+
+__all__ = ["IMAGE_EXTS", "Bad", "Batch", "collate", "decode_image", "key_hash", "sample_key", "select_fraction",
+           "EvalSampler", "TrainSampler", "SeededMixup", "SeededTransform", "image_transforms",
+           "build_datasets", "train_loader", "eval_loader"]
+
+
+def build_datasets(cfg: DataConfig, img_size: int, seed: int, aug: AugConfig | None = None):
+    """(train, val) datasets of ``cfg.source``; ``aug`` configures the image sources' training transform."""
+    aug = aug or AugConfig()
+    if cfg.source == "fashion-mnist":
+        from . import fmnist
+        return fmnist.build(cfg, img_size, seed, aug.repeated_aug)
+    if cfg.source == "imagefolder":
+        from . import imagefolder
+        return imagefolder.build(cfg, aug, img_size, seed)
+    from . import wds
+    return wds.build(cfg, aug, img_size, seed)
+
+
+def train_loader(ds, micro_batch: int, rank: int, world: int, workers: int):
+    """The loader of this rank's training micro-batches; position it with ``ds.set_epoch(epoch, start)``."""
+    ds.configure(rank, world, micro_batch, workers)
+    return ds.loader()
+
+
+def eval_loader(ds, batch: int, rank: int, world: int, workers: int):
+    """This rank's share of the validation set (``batch`` is global), without padding."""
+    ds.configure(rank, world, max(1, batch // world), workers)
+    return ds.loader()
