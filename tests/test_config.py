@@ -68,3 +68,19 @@ def test_cli_reports_unknown_override_and_exits_2():
     assert res.returncode == 2
     assert "meta.epoch" in res.stderr and "did you mean 'meta.epochs'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_user_errors_are_one_line_other_errors_keep_their_traceback(capsys):
+    from modasm import cli
+    from modasm.errors import UserError
+
+    def user():
+        raise UserError("data.root /nowhere does not exist")
+    with pytest.raises(SystemExit) as e:
+        cli.main(user)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: data.root /nowhere does not exist\n"
+
+    def bug():  # e.g. a ValueError from inside torch: not the user's to fix, keep the traceback
+        raise ValueError("Expected input batch_size (3) to match target batch_size (4)")
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        cli.main(bug)

@@ -95,3 +95,27 @@ def test_load_module_state_refuses_wrong_shapes(tiny):
     state["head.weight"] = torch.zeros(3, cfg.embed_dim)
     with pytest.raises(ValueError, match=r"x.safetensors.*head.weight"):
         M.load_module_state(target, cfg.split, 1, state, source="x.safetensors")
+
+
+def test_decay_tokens_switch(tiny):
+    """Module 0's hybrid: the tokens are exempt from weight decay unless decay_tokens (the paper's incubation)."""
+    cfg = tiny().model
+    hybrid = M.build_hybrid(cfg, 0, None)
+    names = {id(p): n for n, p in hybrid.named_parameters()}
+
+    def decayed(decay_tokens):
+        groups = M.param_groups(hybrid, 0.05, decay_tokens)
+        return {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert not {"cls_token", "pos_embed"} & decayed(False)
+    assert {"cls_token", "pos_embed"} <= decayed(True)
+    assert decayed(True) - decayed(False) == {"cls_token", "pos_embed"}  # biases and norms stay exempt
+
+
+def test_cls_token_init_switch(tiny):
+    import torch
+    big = ("model.embed_dim=768", "model.num_heads=12")
+    torch.manual_seed(0)
+    timm_std = M.build_target(tiny(*big).model).cls_token.std().item()
+    torch.manual_seed(0)
+    paper_std = M.build_target(tiny(*big, "model.cls_token_init=paper").model).cls_token.std().item()
+    assert timm_std < 1e-5 and abs(paper_std - 0.02) < 0.002

@@ -25,3 +25,24 @@ def test_stop_then_resume_and_changed_settings_are_refused(tiny, dist_info):
     with pytest.raises(ValueError, match=r"model\.embed_dim: 32 -> 48"):
         phases.run_e2e(tiny("data.train_limit=256", "model.embed_dim=48"), dist_info)
     assert phases.run_e2e(recipe, dist_info) == done  # unchanged: nothing to do, same metrics
+
+
+def test_an_epoch_with_fewer_batches_than_planned_is_an_error(tiny, dist_info):
+    """A loader that ends early (data changed under the run) stops the phase; it never re-enters the epoch."""
+    import itertools
+
+    import pytest
+    from modasm.data import build_datasets
+    recipe = tiny("data.train_limit=256")
+    train_ds, val_ds = build_datasets(recipe.data, recipe.model.img_size, 0)
+    full = train_ds.loader
+
+    class Short:
+        def __init__(self):
+            self.inner = full()
+
+        def __iter__(self):
+            return itertools.islice(iter(self.inner), 3)
+    train_ds.loader = Short  # 3 of the 4 micro-batches of the epoch
+    with pytest.raises(ValueError, match=r"epoch 0 gave 3 of the 4 micro-batches planned"):
+        phases.run_phase(recipe, "e2e", dist_info, data=lambda: (train_ds, val_ds))
