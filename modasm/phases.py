@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import interop
 from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
@@ -65,7 +66,10 @@ def _logger(recipe: Recipe, label: str, section: str, out: Path):
 
 def upstream_hours(recipe: Recipe, section: str) -> float:
     """Device-hours the pipeline spent before this phase: meta for incubation; meta + all incubations
-    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests)."""
+    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests). A fine-tune from
+    another run's target (``init_from``): that run's cumulative hours."""
+    if (hours := interop.init_hours(recipe, section)) is not None:
+        return hours
     dirs = {"meta": [], "e2e": [], "incubate": [export_dir(recipe, "meta")],
             "assemble": [export_dir(recipe, "meta")] + [export_dir(recipe, "incubate", k) for k in range(recipe.model.K)]}
     return sum((read_manifest(d) or {}).get("metrics", {}).get("device_hours", 0.0) for d in dirs[section])
@@ -140,10 +144,11 @@ def load_incubated(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    recipe = interop.pin_init(recipe, "assemble")  # the init set's digest joins the fingerprint
     out = phase_dir(recipe, "assemble")
     if (done := _finished(recipe, "assemble", out, "assemble", info)) is not None:
         return done
-    modules = load_incubated(recipe)
+    modules = interop.init_modules(recipe, "assemble") if recipe.assemble.init_from else load_incubated(recipe)
     data = _datasets(recipe, data)
     model = M.build_target(recipe.model, recipe.assemble.drop_path, modules).to(info.device)
     return train(_job(recipe, "assemble", "assemble", out, model,
@@ -151,12 +156,14 @@ def run_assemble(recipe: Recipe, info: DistInfo, data=None) -> dict:
 
 
 def run_e2e(recipe: Recipe, info: DistInfo, data=None) -> dict:
+    recipe = interop.pin_init(recipe, "e2e")
     out = phase_dir(recipe, "e2e")
     if (done := _finished(recipe, "e2e", out, "e2e", info)) is not None:
         return done
+    modules = interop.init_modules(recipe, "e2e") if recipe.e2e.init_from else None
     data = _datasets(recipe, data)
     _seed(recipe, 2)
-    model = M.build_target(recipe.model, recipe.e2e.drop_path).to(info.device)
+    model = M.build_target(recipe.model, recipe.e2e.drop_path, modules).to(info.device)
     return train(_job(recipe, "e2e", "e2e", out, model, _exporter(recipe, "e2e", recipe.model.split, out)),
                  *data, info)
 
@@ -211,10 +218,11 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
     data = _cached_datasets(recipe)
-    if run_meta(recipe, info, data).get("interrupted"):
-        return
-    for k in range(recipe.model.K):
-        if run_incubate(recipe, k, info, data).get("interrupted"):
+    if not recipe.assemble.init_from:  # a fine-tune from another run's target needs no meta/incubation
+        if run_meta(recipe, info, data).get("interrupted"):
             return
+        for k in range(recipe.model.K):
+            if run_incubate(recipe, k, info, data).get("interrupted"):
+                return
     if not run_assemble(recipe, info, data).get("interrupted"):
         run_e2e(recipe, info, data)
