@@ -52,7 +52,8 @@ def import_layout(cfg: ModelConfig, phase: str, module: int | None) -> list[int]
     if phase == "incubate":
         if module is None or not 0 <= module < cfg.K:
             raise ValueError(f"--as incubate needs --module k with 0 <= k < {cfg.K} (the recipe's model.split "
-                             f"{cfg.split} has K={cfg.K} modules): the incubated module is model_stages[k] of hybrid(k)")
+                             f"{cfg.split} has K={cfg.K} modules): the incubated module is model_stages[k] of "
+                             "hybrid(k)")
         return M.hybrid_layout(cfg.split, module)
     if module is not None:
         raise ValueError(f"--module is for --as incubate only (--as {phase} imports all {cfg.K} modules)")
@@ -74,7 +75,8 @@ def read_checkpoint(path: str | Path) -> dict:
             "its origin, re-save just its weights with the code that wrote it, e.g. torch.save({'model_stages': "
             "ckpt['model_stages']}, 'weights.pth'), and import that") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ValueError(f"{path}: not a readable torch checkpoint ({why})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict with 'model_stages' or 'model'")
     return ckpt
@@ -211,7 +213,8 @@ def import_paper(recipe: Recipe, path: str | Path, phase: str, module: int | Non
                          "move it aside, or pass --force to replace it")
     keep = [module] if phase == "incubate" else range(len(layout))
     epoch = ckpt.get("epoch")
-    save_shards(out, {m: {k: v.float().contiguous() for k, v in stages[m].items()} for m in keep},
+    # fp32 copies: off the memory map, and no two tensors share storage (safetensors refuses that)
+    save_shards(out, {m: {k: v.detach().to(torch.float32, copy=True) for k, v in stages[m].items()} for m in keep},
                 model_cfg=recipe.model, layout=layout, phase=phase, step=0, recipe=recipe.to_dict(),
                 metrics={"imported_from": str(path.resolve()), "imported_sha256": _sha256(path),
                          "imported_epoch": epoch if isinstance(epoch, int) else None})
@@ -361,8 +364,8 @@ def init_modules(recipe: Recipe, section: str) -> dict[int, dict[str, torch.Tens
     if manifest is None:
         raise ShardError(f"{section}.init_from={where}: no shard set there (no manifest.json)")
     if manifest["phase"] not in TARGET_PHASES:
-        raise ShardError(f"{where / 'manifest.json'}: written by phase {manifest['phase']!r}; {section}.init_from needs "
-                         "a whole target (an assemble or e2e shard set)")
+        raise ShardError(f"{where / 'manifest.json'}: written by phase {manifest['phase']!r}; {section}.init_from "
+                         "needs a whole target (an assemble or e2e shard set)")
     src = manifest["model"]
     if src.get("patch_size") != cfg.patch_size or not isinstance(src.get("img_size"), int) \
             or src["img_size"] % cfg.patch_size:
