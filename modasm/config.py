@@ -209,6 +209,24 @@ class IncubateConfig(PhaseConfig):
 
 
 @dataclass
+class FineTuneConfig(PhaseConfig):
+    """A phase that trains the whole target (assemble, e2e); it may start from another run's target."""
+    init_from: str = _f("", "Start from this target shard set (an assemble or e2e export/ directory, e.g. "
+                        "runs/vit-b16/assemble/export) instead of the incubated modules (assemble) or a random init "
+                        "(e2e). Its model must match the recipe's except model.img_size: at another resolution the "
+                        "position embedding is resampled with timm's resample_abs_pos_embed (a high-resolution "
+                        "fine-tune). Empty: the phase's usual start.")
+    init_from_sha256: str = _f("", "The manifest_sha256 that init_from's manifest must have (a pin); empty: whatever "
+                               "is there, recorded in this phase's manifest when the phase starts. Either way a "
+                               "finished or resumable phase is refused when its init shard set has changed since.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_from_sha256 and not self.init_from:
+            raise ValueError("init_from_sha256 pins the shard set of init_from, which is empty; set both or neither")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3.")
     precision: str = _f("fp32", "'fp32' or 'bf16' (DeepSpeed keeps fp32 master weights for bf16).")
@@ -257,8 +275,10 @@ class Recipe:
     meta: PhaseConfig = _phase(epochs=300)
     incubate: IncubateConfig = field(default_factory=lambda: IncubateConfig(epochs=100),
                                      metadata={"help": "phase optimisation + farming"})
-    assemble: PhaseConfig = _phase(epochs=100, warmup_epochs=0.0, clip_grad=1.0)
-    e2e: PhaseConfig = _phase(epochs=300)
+    assemble: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(epochs=100, warmup_epochs=0.0, clip_grad=1.0),
+                                     metadata={"help": "phase optimisation + start"})
+    e2e: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(epochs=300),
+                                metadata={"help": "phase optimisation + start"})
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -392,7 +412,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 _INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size", "data.train_shards",
           "data.val_shards", "data.max_bad_fraction"}
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
-                "groups"}  # how incubation is farmed out does not change a module's result
+                "groups",  # how incubation is farmed out does not change a module's result
+                "init_from"}  # where the init shard set lies; its content counts (init_from_sha256)
 _UPSTREAM = {"meta": ("meta",), "incubate": ("meta", "incubate"),
              "assemble": ("meta", "incubate", "assemble"), "e2e": ("e2e",)}
 

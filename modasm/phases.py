@@ -13,24 +13,16 @@ from typing import Callable
 
 import torch
 
-from . import dist, seeds
+from . import dist, interop, seeds
 from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
 from .dist import DistInfo
 from .errors import UserError
 from .metrics import MetricsLog, WandbRun, wandb_mode
+from .paths import export_dir, phase_dir
 from .shards import ShardError, load_modules, read_manifest, save_shards
 from .train import Job, finished, train
-
-
-def phase_dir(recipe: Recipe, phase: str, module: int | None = None) -> Path:
-    d = recipe.run_dir / phase
-    return d / f"module-{module:02d}" if module is not None else d
-
-
-def export_dir(recipe: Recipe, phase: str, module: int | None = None) -> Path:
-    return phase_dir(recipe, phase, module) / "export"
 
 
 def _exporter(recipe: Recipe, phase: str, layout: list[int], out: Path, only: int | None = None):
@@ -63,7 +55,10 @@ def _logger(recipe: Recipe, label: str, section: str, out: Path):
 
 def upstream_hours(recipe: Recipe, section: str) -> float:
     """Device-hours the pipeline spent before this phase: meta for incubation; meta + all incubations
-    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests)."""
+    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests). A fine-tune from
+    another run's target (``init_from``): that run's cumulative hours."""
+    if (hours := interop.init_hours(recipe, section)) is not None:
+        return hours
     dirs = {"meta": [], "e2e": [], "incubate": [export_dir(recipe, "meta")],
             "assemble": [export_dir(recipe, "meta")] + [export_dir(recipe, "incubate", k) for k in range(recipe.model.K)]}
     return sum((read_manifest(d) or {}).get("metrics", {}).get("device_hours", 0.0) for d in dirs[section])
@@ -118,11 +113,15 @@ PHASES = {
     "incubate": PhaseSpec("incubate", lambda k: 100 + k, lambda recipe, k: load_meta(recipe),
                           lambda recipe, k, meta: M.build_hybrid(recipe.model, k, meta, recipe.incubate.drop_path),
                           lambda recipe, k: M.hybrid_layout(recipe.model.split, k)),
-    "assemble": PhaseSpec("assemble", lambda k: 3, lambda recipe, k: load_incubated(recipe),
+    # the fine-tunes may start from another run's target (init_from: a high-resolution fine-tune)
+    "assemble": PhaseSpec("assemble", lambda k: 3,
+                          lambda recipe, k: (interop.init_modules(recipe, "assemble") if recipe.assemble.init_from
+                                             else load_incubated(recipe)),
                           lambda recipe, k, mods: M.build_target(recipe.model, recipe.assemble.drop_path, mods),
                           _TARGET),
-    "e2e": PhaseSpec("e2e", lambda k: 2, lambda recipe, k: None,
-                     lambda recipe, k, _: M.build_target(recipe.model, recipe.e2e.drop_path), _TARGET),
+    "e2e": PhaseSpec("e2e", lambda k: 2,
+                     lambda recipe, k: interop.init_modules(recipe, "e2e") if recipe.e2e.init_from else None,
+                     lambda recipe, k, mods: M.build_target(recipe.model, recipe.e2e.drop_path, mods), _TARGET),
 }
 
 
@@ -136,6 +135,8 @@ def run_phase(recipe: Recipe, phase: str, info: DistInfo, k: int | None = None, 
     ``data``: a zero-argument loader of (train, val) shared by the phases of one process (read once).
     """
     spec = PHASES[phase]
+    if phase in ("assemble", "e2e"):
+        recipe = interop.pin_init(recipe, phase)  # the init shard set's digest joins the fingerprint
     if phase == "incubate" and not 0 <= k < recipe.model.K:
         raise UserError(f"--module {k} is out of range: the recipe's split has K={recipe.model.K} modules "
                         f"(0..{recipe.model.K - 1})")
@@ -217,7 +218,8 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) 
 def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
     """Every phase in order in one process (the demo); each still hands off through its shard set."""
     data = _cached_datasets(recipe)
-    steps = [("meta", None)] + [("incubate", k) for k in range(recipe.model.K)] + [("assemble", None), ("e2e", None)]
-    for phase, k in steps:
+    fine_tune_only = bool(recipe.assemble.init_from)  # from another run's target: no meta/incubation
+    steps = ([] if fine_tune_only else [("meta", None)] + [("incubate", k) for k in range(recipe.model.K)])
+    for phase, k in steps + [("assemble", None), ("e2e", None)]:
         if run_phase(recipe, phase, info, k, data).get("interrupted"):
             return

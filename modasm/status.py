@@ -9,7 +9,7 @@ import shlex
 
 from .config import Recipe
 from .engine import complete_steps
-from .phases import export_dir, phase_dir
+from .paths import export_dir, phase_dir
 from .shards import read_manifest
 
 

@@ -88,3 +88,29 @@ def test_recipe_augmentation_is_deit(recipe):
     assert a.mixes and all(getattr(r, p).label_smoothing == 0.1 for p in ("meta", "incubate", "assemble", "e2e"))
     assert r.data.source in ("imagefolder", "webdataset") and r.data.fraction == 1.0
     assert r.data.stream_splits % r.data.num_workers == 0
+
+
+HIGH_RES = [("vit-b16-384", "vit-b16", "vit_base_patch16_384", 384), ("vit-l16-384", "vit-l16", "vit_large_patch16_384", 384),
+            ("vit-h14-392", "vit-h14", "vit_huge_patch14_224", 392)]  # timm registers no ViT-H/14 at 392
+
+
+@pytest.mark.parametrize("recipe,base,timm_name,img", HIGH_RES)
+def test_high_res_recipes_fine_tune_the_224_runs_targets(recipe, base, timm_name, img):
+    """The paper's 384/392 fine-tunes: the 224 recipe's model at another img_size, started from that run's
+    assemble and e2e targets, with DeiT's published 384 fine-tune settings (recipe header)."""
+    from modasm import phases
+    r, b = load_recipe(ROOT / "recipes" / f"{recipe}.yaml"), load_recipe(ROOT / "recipes" / f"{base}.yaml")
+    assert r.model == dataclasses.replace(b.model, img_size=img) and r.run.name == recipe != b.run.name
+    assert (r.data, r.aug, r.deepspeed) == (b.data, b.aug, b.deepspeed)
+    for section in ("assemble", "e2e"):
+        p = getattr(r, section)
+        assert p.init_from == str(phases.export_dir(b, section)) and not p.init_from_sha256
+        assert (p.epochs, p.batch_size, p.lr, p.min_lr, p.warmup_epochs, p.weight_decay, p.clip_grad,
+                p.label_smoothing) == (30, 512, 5e-6, 5e-6, 5, 1e-8, 0.0, 0.1), section
+        assert p.drop_path == b.assemble.drop_path  # the paper's fine-tune value for the size
+    with torch.device("meta"):
+        target = M.build_target(r.model)
+        ref = timm.create_model(timm_name, pretrained=False, img_size=img, qkv_bias=r.model.qkv_bias,
+                                num_classes=r.model.num_classes)
+    assert count(target) == count(ref) and target.pos_embed.shape == (1, (img // r.model.patch_size) ** 2 + 1,
+                                                                       r.model.embed_dim)
