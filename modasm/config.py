@@ -239,6 +239,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Fast paths (each gives the same results as the plain path; tests/test_speed.py). ``null`` = automatic:
+    on with a GPU, off on CPU."""
+    compile: Optional[bool] = _f(None, "torch.compile the model (in place: names and shards unchanged); null: on CUDA.")
+    checkpointing: bool = _f(False, "Activation checkpointing per block (timm's set_grad_checkpointing): recompute "
+                             "block activations in the backward pass instead of storing them; only blocks whose "
+                             "backward runs are recomputed (hybrid(k): module k and the blocks after it).")
+    fused_optimizer: Optional[bool] = _f(None, "torch.optim.AdamW(fused=True) (one kernel for all parameters); "
+                                         "null: on CUDA.")
+
+
+@dataclass
 class WandbConfig:
     mode: str = _f("offline", "'offline' (default: local files only, sync later with `wandb sync`), 'online', "
                    "or 'disabled'. The WANDB_MODE environment variable takes precedence.")
@@ -280,6 +292,7 @@ class Recipe:
     e2e: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(epochs=300),
                                 metadata={"help": "phase optimisation + start"})
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -431,7 +444,7 @@ def fingerprint(recipe: dict, section: str) -> dict:
     keep = {}
     for key, value in flatten(recipe).items():
         top, _, leaf = key.partition(".")
-        if key in _INERT or top == "logging" or (top in PHASES and (top not in _UPSTREAM[section] or leaf in _INERT_PHASE)):
+        if key in _INERT or top in ("logging", "speed") or (top in PHASES and (top not in _UPSTREAM[section] or leaf in _INERT_PHASE)):
             continue
         keep[key] = value
     return keep

@@ -133,10 +133,11 @@ class Schedule:
             self.timm.step_update(step)
 
 
-def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, info: DistInfo, p: Plan):
+def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, info: DistInfo, p: Plan,
+                 optimizer_kwargs: dict | None = None):
     peak = cfg.lr * cfg.batch_size / 512
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_tokens), lr=peak,
-                                  betas=(0.9, 0.999))
+                                  betas=(0.9, 0.999), **(optimizer_kwargs or {}))
     schedule = Schedule(optimizer, cfg, p.steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, ds, p),
                                            dist_init_required=False)

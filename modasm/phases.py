@@ -69,7 +69,8 @@ def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> 
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
                eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section),
                base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out),
-               aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction)
+               aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction,
+               speed=recipe.speed)
 
 
 def load_meta(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from . import engine as ds
-from . import seeds
-from .config import AugConfig, DeepSpeedConfig, PhaseConfig, fingerprint_changes
+from . import seeds, speed
+from .config import AugConfig, DeepSpeedConfig, PhaseConfig, SpeedConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
 from .data import Bad, Batch, SeededMixup, eval_loader, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
@@ -75,6 +75,7 @@ class Job:
     aug: AugConfig | None = None     # mixup/cutmix (soft targets) when it says so
     num_classes: int = 0             # of the soft targets (mixup)
     max_bad_fraction: float = 0.001  # stop when more of the samples read were unreadable
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)  # fast paths (compile, checkpointing)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -217,7 +218,8 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     newest = ds.latest(job.ckpt_dir)
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
-    eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan)
+    speed.prepare_model(job.model, job.speed, info.device)
+    eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device))
     log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
     try:
         return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest)
