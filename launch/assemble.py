@@ -2,7 +2,7 @@
 
     python launch/assemble.py RECIPE [a.b=c ...]      or    torchrun --nproc-per-node=N launch/assemble.py RECIPE
 """
-from modasm import cli, dist, phases
+from modasm import cli
 
-args, recipe = cli.parse(__doc__)
-cli.main(lambda: phases.run_assemble(recipe, dist.init()))
+if __name__ == "__main__":
+    cli.phase_main(__doc__, "assemble")

@@ -2,7 +2,7 @@
 
     python launch/e2e.py RECIPE [a.b=c ...]
 """
-from modasm import cli, dist, phases
+from modasm import cli
 
-args, recipe = cli.parse(__doc__)
-cli.main(lambda: phases.run_e2e(recipe, dist.init()))
+if __name__ == "__main__":
+    cli.phase_main(__doc__, "e2e")

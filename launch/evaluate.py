@@ -2,7 +2,7 @@
 
     python launch/evaluate.py RECIPE [--phase assemble|e2e|meta|incubate] [--module k] [a.b=c ...]
 """
-from modasm import cli, dist, evaluate
+from modasm import cli
 
 
 def extra(p):
@@ -10,5 +10,7 @@ def extra(p):
     p.add_argument("--module", type=int, default=None, help="with --phase incubate: which hybrid")
 
 
-args, recipe = cli.parse(__doc__, extra)
-cli.main(lambda: evaluate.run(recipe, dist.init(), args.phase, args.module))
+if __name__ == "__main__":
+    from modasm import dist, evaluate
+    args, recipe = cli.parse(__doc__, extra)
+    cli.main(lambda: evaluate.run(recipe, dist.init(), args.phase, args.module))

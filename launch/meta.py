@@ -1,5 +1,5 @@
 """Phase 1: pre-train the meta model (one block per module).  python launch/meta.py RECIPE [a.b=c ...]"""
-from modasm import cli, dist, phases
+from modasm import cli
 
-args, recipe = cli.parse(__doc__)
-cli.main(lambda: phases.run_meta(recipe, dist.init()))
+if __name__ == "__main__":
+    cli.phase_main(__doc__, "meta")

@@ -3,13 +3,12 @@
     python launch/pipeline.py recipes/demo-fmnist.yaml [a.b=c ...]
 Each phase still hands off through its shard set on disk; re-running skips finished phases.
 """
-from modasm import cli, dist, phases
-from modasm.report import collect, table, write_report
-
-args, recipe = cli.parse(__doc__)
+from modasm import cli
 
 
-def run():
+def run(recipe):
+    from modasm import dist, phases
+    from modasm.report import collect, table, write_report
     info = dist.init()
     phases.run_pipeline(recipe, info)
     if info.is_main:
@@ -17,4 +16,6 @@ def run():
         print(f"\nreport with plots: {write_report(recipe.run_dir)}", flush=True)
 
 
-cli.main(run)
+if __name__ == "__main__":
+    args, recipe = cli.parse(__doc__)
+    cli.main(lambda: run(recipe))

@@ -8,16 +8,21 @@ import sys
 
 from modasm import cli
 
-args, recipe = cli.parse(__doc__, lambda p: (
-    p.add_argument("--require", choices=["meta", "incubate", "assemble", "e2e", "all"]),
-    p.add_argument("--get", choices=["K", "run_dir"])))
-if args.get:
-    print({"K": recipe.model.K, "run_dir": recipe.run_dir}[args.get])
-    sys.exit(0)
-from modasm import status  # noqa: E402  (after --get: that answers without importing DeepSpeed)
 
-for label, state in status.status(recipe).items():
-    print(f"{label:<14} {state}")
-if args.require and (msg := status.require(recipe, args.require, args.recipe, args.overrides)):
-    print(msg, file=sys.stderr)
-    sys.exit(1)
+def extra(p):
+    p.add_argument("--require", choices=["meta", "incubate", "assemble", "e2e", "all"])
+    p.add_argument("--get", choices=["K", "run_dir"])
+
+
+if __name__ == "__main__":
+    args, recipe = cli.parse(__doc__, extra)
+    if args.get:
+        print({"K": recipe.model.K, "run_dir": recipe.run_dir}[args.get])
+        sys.exit(0)
+    from modasm import status  # after --get: that answers without importing DeepSpeed
+
+    for label, state in status.status(recipe).items():
+        print(f"{label:<14} {state}")
+    if args.require and (msg := status.require(recipe, args.require, args.recipe, args.overrides)):
+        print(msg, file=sys.stderr)
+        sys.exit(1)

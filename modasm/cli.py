@@ -35,7 +35,10 @@ def main(run) -> None:
     error keeps its traceback."""
     from . import dist
     from .train import request_stop
-    signal.signal(signal.SIGUSR1, request_stop)  # checkpoint and exit cleanly (preemption notice)
+    # A preemption notice or the time limit (SIGUSR1 from sbatch --signal, SIGTERM from scancel, preemption and
+    # torchrun, which forwards it): checkpoint at the next optimizer step and exit. A second SIGTERM kills.
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         run()
     except UserError as e:
@@ -43,3 +46,22 @@ def main(run) -> None:
         dist.shutdown()
         raise SystemExit(2)
     dist.shutdown()
+
+
+def phase_main(description: str, phase: str) -> None:
+    """The entry point of a phase: ``launch/<phase>.py RECIPE [a.b=c ...]`` (one process or under torchrun)."""
+    from . import dist, phases
+    _, recipe = parse(description)
+    main(lambda: phases.run_phase(recipe, phase, dist.init()))
+
+
+def fraction(text: str, what: str) -> tuple[int, int]:
+    """'p/P' -> (p, P) with 0 <= p < P; a clear exit otherwise."""
+    try:
+        p, P = (int(v) for v in text.split("/"))
+        if 0 <= p < P:
+            return p, P
+    except ValueError:
+        pass
+    print(f"error: {what} {text!r} must be p/P with 0 <= p < P, e.g. 0/2", file=sys.stderr)
+    raise SystemExit(2)

@@ -82,6 +82,8 @@ class DataConfig:
     eval_limit: int = _f(0, "Evaluate on only the first N validation samples (0: all; for quick tests).")
     eval_batch_size: int = _f(512, "Global batch size for evaluation.")
     num_workers: int = _f(0, "DataLoader worker processes per rank (webdataset: must divide data.stream_splits).")
+    worker_start: str = _f("", "How loader workers start: 'fork', 'spawn' or 'forkserver' (the default on Linux from "
+                           "Python 3.14); empty: Python's default.")
     stream_splits: int = _f(8, "webdataset: each rank reads its share of an epoch as this many contiguous streams "
                             "(dealt to its workers); the batch sequence depends on it, not on num_workers.")
     shuffle_buffer: int = _f(2000, "webdataset: samples held per stream to shuffle them (raw bytes, not decoded).")
@@ -92,6 +94,8 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
             raise UserError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
+        if self.worker_start not in ("", "fork", "spawn", "forkserver"):
+            raise UserError(f"data.worker_start must be 'fork', 'spawn', 'forkserver' or empty, got {self.worker_start!r}")
         if not 0 < self.fraction <= 1:
             raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -422,7 +426,7 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- what a phase's result depends on
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
-_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.eval_batch_size", "data.train_shards",
+_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.worker_start", "data.eval_batch_size", "data.train_shards",
           "data.val_shards", "data.max_bad_fraction"}
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
                 "groups",  # how incubation is farmed out does not change a module's result

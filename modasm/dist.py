@@ -32,6 +32,7 @@ class DistInfo:
     module_group: int = 0   # index g of this rank's module group (farmed incubation), else 0
     module_groups: int = 1  # G
     global_rank: int = -1   # rank in the launch (before a split); -1: same as rank
+    nodes: int = 1          # torchrun agents (nodes) of the launch: world / ranks per node
 
     @property
     def is_main(self) -> bool:
@@ -61,12 +62,17 @@ def init() -> DistInfo:
         # A lone process leaves the environment alone, so the processes it starts do not inherit a rank.
         extra = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1) if lone else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **extra)
-    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return DistInfo(rank=dist.get_rank(), world=world, local_rank=local_rank, device=device,
+                    nodes=max(1, world // max(per_node, 1)))
 
 
-def default_groups(K: int, world: int) -> int:
-    """As many groups as fit: the largest G <= K that divides the world (one module per group when W >= K)."""
-    return max(g for g in range(1, min(K, world) + 1) if world % g == 0)
+def default_groups(K: int, world: int, multiple_of: int = 1) -> int:
+    """As many groups as fit: the largest G <= K that divides the world (one module per group when W >= K),
+    and is a multiple of ``multiple_of`` (the farm's launches, one per node) where one is."""
+    fits = [g for g in range(1, min(K, world) + 1) if world % g == 0]
+    return max([g for g in fits if g % multiple_of == 0] or fits)
 
 
 def split_world(info: DistInfo, groups: int) -> DistInfo:
@@ -88,7 +94,7 @@ def split_world(info: DistInfo, groups: int) -> DistInfo:
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"modasm/module-group-{g}", store),
                             rank=rank, world_size=size, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world=size, local_rank=info.local_rank, device=info.device,
-                    module_group=g, module_groups=groups, global_rank=info.rank)
+                    module_group=g, module_groups=groups, global_rank=info.rank, nodes=info.nodes)
 
 
 def barrier(info: DistInfo | None = None) -> None:

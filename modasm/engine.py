@@ -71,7 +71,7 @@ def accumulation(cfg: PhaseConfig, world: int, section: str) -> tuple[int, int]:
 
 def plan(cfg: PhaseConfig, world: int, section: str, n_train: int) -> Plan:
     micro, accum = accumulation(cfg, world, section)
-    steps_per_epoch = (n_train // world) // micro // accum
+    steps_per_epoch = n_train // cfg.batch_size  # = (n // ranks) // micro // accum: the same on any rank count
     if steps_per_epoch < 1:
         raise UserError(f"{section}: {n_train} training samples give no full optimizer step of "
                         f"{cfg.batch_size}; lower {section}.batch_size")
@@ -134,13 +134,16 @@ class Schedule:
 
 
 def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, info: DistInfo, p: Plan,
-                 optimizer_kwargs: dict | None = None):
+                 optimizer_kwargs: dict | None = None, universal: bool = False):
+    """The engine and the lr schedule; ``universal``: it will load a universal checkpoint (another world size)."""
     peak = cfg.lr * cfg.batch_size / 512
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_tokens), lr=peak,
                                   betas=(0.9, 0.999), **(optimizer_kwargs or {}))
     schedule = Schedule(optimizer, cfg, p.steps_per_epoch)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, ds, p),
-                                           dist_init_required=False)
+    config = ds_config(cfg, ds, p)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     return engine, schedule
 
 
@@ -199,7 +202,8 @@ def _rng_file(ckpt_dir: Path, step: int, rank: int) -> Path:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info: DistInfo,
          marker: dict | None = None) -> None:
-    """Every rank saves (its own RNG too); then the main rank marks the step complete and prunes."""
+    """Every rank saves (its own RNG too); then the main rank marks the step complete (with the world size
+    that saved it) and prunes."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -207,9 +211,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info:
     torch.save(rng, _rng_file(ckpt_dir, step, info.rank))
     barrier(info)
     if info.is_main:
-        (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, **(marker or {})}))
+        (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, "world": info.world, **(marker or {})}))
         for old in complete_steps(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / tag(old), ignore_errors=True)
+            shutil.rmtree(ckpt_dir / _universal_tag(old), ignore_errors=True)
     barrier(info)
 
 
@@ -221,14 +226,48 @@ def latest(ckpt_dir: Path) -> tuple[int, dict] | None:
     return steps[-1], json.loads((ckpt_dir / tag(steps[-1]) / COMPLETE).read_text())
 
 
-def load(engine, ckpt_dir: Path, step: int, info: DistInfo) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag(step))
+# A checkpoint of ZeRO-1/2/3 or bf16 (DeepSpeed's bf16 optimizer) holds optimizer state partitioned over the
+# ranks that saved it, and DeepSpeed refuses it on another data-parallel size. Resumed on another number of
+# ranks, it is first converted to DeepSpeed's universal checkpoint (ds_to_universal), which any size loads.
+
+
+def _universal_tag(step: int) -> str:
+    return f"{tag(step)}-universal"
+
+
+def needs_universal(ckpt_dir: Path, step: int, marker: dict, world: int) -> bool:
+    """True when checkpoint ``step`` holds partitioned optimizer state (``*optim_states.pt`` per rank: ZeRO, or
+    DeepSpeed's bf16 optimizer) and was saved by another number of ranks."""
+    saved = marker.get("world", world)  # markers written before the world was recorded: assume unchanged
+    return saved != world and any((ckpt_dir / tag(step)).glob("*optim_states.pt"))
+
+
+def to_universal(ckpt_dir: Path, step: int, info: DistInfo) -> None:
+    """Convert checkpoint ``step`` (once; on the main rank while the others wait) to the universal format."""
+    out = ckpt_dir / _universal_tag(step)
+    if info.is_main and not (out / COMPLETE).is_file():
+        from deepspeed.checkpoint import ds_to_universal
+        tmp = ckpt_dir / f".{_universal_tag(step)}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        args = ds_to_universal.argparse.Namespace(
+            input_folder=str(ckpt_dir / tag(step)), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with open(ckpt_dir / "universal.log", "a") as log, contextlib.redirect_stdout(log):
+            ds_to_universal.main(args)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "from": tag(step)}))
+        os.replace(tmp, out)
+    barrier(info)
+
+
+def load(engine, ckpt_dir: Path, step: int, info: DistInfo, universal: bool = False) -> dict:
+    """Restore engine, optimizer and (on an unchanged world) this rank's RNG; returns the client state."""
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=_universal_tag(step) if universal else tag(step))
     if path is None:
         raise UserError(f"{ckpt_dir / tag(step)}: DeepSpeed could not load this checkpoint; "
-                           "move it aside to restart the phase from the previous one")
+                        "move it aside to restart the phase from the previous one")
     rng = _rng_file(ckpt_dir, step, info.rank)
-    if rng.is_file():  # absent when the world size changed: this rank keeps its fresh seed
+    if not universal and rng.is_file():  # on another world a rank keeps its fresh seed
         state = torch.load(rng, weights_only=True)
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():

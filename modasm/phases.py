@@ -189,24 +189,40 @@ def deal(split: list[int], groups: int) -> list[list[int]]:
     return out
 
 
-def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None) -> dict[int, dict]:
-    """Array mode (``module`` = k): all ranks incubate module k. Farm mode: the ranks split into module
-    groups (recipe ``incubate.groups``), each incubating its dealt modules in turn, independently.
+def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
+                     part: tuple[int, int] = (0, 1)) -> dict[int, dict]:
+    """Array mode (``module`` = k): all ranks incubate module k. Farm mode: the farm's ``incubate.groups``
+    module groups each incubate their dealt modules in turn, independently; this launch is ``part`` = (p, P)
+    of the farm (one torchrun per node, each with its own rendezvous) and holds groups p*G/P .. (p+1)*G/P - 1,
+    formed from its ranks.
 
     Returns metrics per module this rank took part in; stops early when a module was interrupted.
     """
     K = recipe.model.K
     if module is not None:
         return {module: run_incubate(recipe, module, info)}
-    G = recipe.incubate.groups or dist.default_groups(K, info.world)
+    p, P = part
+    G = recipe.incubate.groups or dist.default_groups(K, info.world * P, multiple_of=P)
     if G > K:
         raise UserError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
-    info = dist.split_world(info, G)
-    mine = deal(recipe.model.split, G)[info.module_group]
+    if G % P:
+        raise UserError(f"incubate.groups={G} does not split over the farm's {P} launches (one per node): each "
+                        f"launch holds whole module groups; use a multiple of {P}, or the array mode (one job per "
+                        "module) for groups larger than a node")
+    here = G // P
+    if here > 1 and info.nodes > 1:
+        raise UserError(f"this torchrun spans {info.nodes} nodes and would hold {here} module groups: groups sharing "
+                        "one rendezvous stop when the first node's group finishes (its torchrun agent leaves with the "
+                        "rendezvous store). Launch one torchrun per node with --part i/N (slurm/incubate.sh does), "
+                        "or one job per module (--module k)")
+    info = dist.split_world(info, here)
+    g = p * here + info.module_group
+    mine = deal(recipe.model.split, G)[g]
     if info.is_main:
         first, last = info.global_rank - info.rank, info.global_rank - info.rank + info.world - 1
         ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
-        print(f"[incubate] group {info.module_group + 1}/{G} ({ranks}): modules {mine}", flush=True)
+        where = f" of launch {p + 1}/{P}" if P > 1 else ""
+        print(f"[incubate] group {g + 1}/{G} ({ranks}{where}): modules {mine}", flush=True)
     data = _cached_datasets(recipe)
     results = {}
     for k in mine:

@@ -41,8 +41,10 @@ def require(recipe: Recipe, section: str, recipe_path: str, overrides: list[str]
     commands that finish it."""
     st = status(recipe)
     chain = list(st)[:-1]  # meta, incubate[0..K-1], assemble: each needs all before it
+    if recipe.assemble.init_from:  # a fine-tune of another run's target (e.g. high resolution) needs only that
+        chain = ["assemble"]
     needed = {"meta": chain[:1], "incubate": chain[:-1], "assemble": chain, "e2e": ["e2e"],
-              "all": list(st)}[section]
+              "all": chain + ["e2e"]}[section]
     missing = [label for label in needed if not st[label].startswith("done")]
     if not missing:
         return None

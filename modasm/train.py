@@ -32,7 +32,10 @@ _STOP = {"requested": False}
 
 
 def request_stop(*_):
-    """Ask the running loop to checkpoint and return at the next optimizer step (signal handler)."""
+    """Ask the running loop to checkpoint and return at the next optimizer step (signal handler).
+
+    Repeats change nothing: under Slurm a preemption's SIGTERM reaches a rank twice (from slurmstepd and
+    forwarded by torchrun); a hard stop is SIGKILL (Slurm's KillWait, torchrun's 30 s grace)."""
     _STOP["requested"] = True
 
 
@@ -216,13 +219,17 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     loader = train_loader(train_ds, plan.micro, info.rank, info.world, job.workers)
     val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
     newest = ds.latest(job.ckpt_dir)
+    universal = False
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
+        if universal := ds.needs_universal(job.ckpt_dir, newest[0], newest[1], info.world):
+            ds.to_universal(job.ckpt_dir, newest[0], info)
     speed.prepare_model(job.model, job.speed, info.device)
-    eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device))
+    eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device),
+                                 universal)
     log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
     try:
-        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest)
+        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest, universal)
     finally:
         log.close()
 
@@ -237,13 +244,21 @@ class _Run:
         self.mixup = SeededMixup(job.aug, job.cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
         self.dtype = ds.input_dtype(eng)
 
-    def run(self, newest) -> dict:
+    def run(self, newest, universal: bool = False) -> dict:
         job, plan, info, log = self.job, self.plan, self.info, self.log
         self.state = TrainState()
+        self.restart_epoch_data = False  # the data of the resumed epoch starts over (see below)
         if newest is not None:
-            self.state = TrainState.from_client(ds.load(self.eng, job.ckpt_dir, newest[0], info))
+            self.state = TrainState.from_client(ds.load(self.eng, job.ckpt_dir, newest[0], info, universal))
             self.sched.restore(self.state.step)
-            log.say(f"resuming from step {self.state.step}/{plan.total} ({job.ckpt_dir / ds.tag(self.state.step)})")
+            saved_world = newest[1].get("world", info.world)
+            log.say(f"resuming from step {self.state.step}/{plan.total} ({job.ckpt_dir / ds.tag(self.state.step)})"
+                    + (f" on {info.world} ranks (saved by {saved_world})" if saved_world != info.world else ""))
+            if saved_world != info.world and not self.train_ds.position_is_global and self.state.step % plan.steps_per_epoch:
+                # a stream's position is per rank: on another number of ranks the epoch's data starts over
+                self.restart_epoch_data = True
+                log.say(f"the rank count changed mid-epoch: this epoch's data restarts from its beginning (the "
+                        f"{self.state.step % plan.steps_per_epoch} steps already taken in it see their samples again)")
         else:
             torch.manual_seed(seeds.rank(job.seed, info.rank))  # drop path / dropout; data has its own seeds
             log.say(f"plan: {plan.describe(self.cfg.batch_size)}")
@@ -266,6 +281,9 @@ class _Run:
             self.checkpoint()
             if stopped:
                 log.say(f"stop requested: saved step {self.state.step}; re-run the same command to resume")
+                stop_file = os.environ.get(STOP_FILE_ENV)
+                if stop_file and info.is_main:  # tells the Slurm job to requeue, whoever got the signal
+                    Path(f"{stop_file}.saved").touch()
                 return {"interrupted": True, "step": self.state.step}
         return self.finish()
 
@@ -275,7 +293,9 @@ class _Run:
         """Train to the end of the current epoch; True when a stop was requested (at ``state.step``)."""
         plan, cfg = self.plan, self.cfg
         epoch, in_epoch = divmod(self.state.step, plan.steps_per_epoch)
-        self.train_ds.set_epoch(epoch, start=in_epoch * plan.accum * plan.micro)
+        start = 0 if self.restart_epoch_data else in_epoch * plan.accum * plan.micro
+        self.restart_epoch_data = False
+        self.train_ds.set_epoch(epoch, start=start)
         n_micro = (plan.steps_per_epoch - in_epoch) * plan.accum
         seen = 0
         for i, batch in enumerate(self.loader):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One phase of the pipeline as a Slurm job step: the body behind meta.sh, incubate.sh, assemble.sh, e2e.sh
-# (which carry the #SBATCH lines and `exec` this script, so it stays the batch shell that gets the signals).
+# One phase of the pipeline as a Slurm job: the body behind meta.sh, incubate.sh, assemble.sh, e2e.sh (which carry
+# the #SBATCH lines and `exec` this script, so it stays the batch shell that gets the signals).
 #   slurm/phase.sh meta|incubate|assemble|e2e RECIPE [a.b=c ...]
 phase=${1:?usage: slurm/phase.sh meta|incubate|assemble|e2e RECIPE [a.b=c ...]}
 shift
@@ -9,4 +9,8 @@ case $phase in
   *) echo "slurm/phase.sh: unknown phase '$phase' (meta, incubate, assemble or e2e)" >&2; exit 2 ;;
 esac
 source "${MODASM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/env.sh"
-modasm_launch "launch/$phase.py" "$@"   # incubate.py reads SLURM_ARRAY_TASK_ID itself (array mode)
+if [ "$phase" = incubate ] && [ -z "${SLURM_ARRAY_TASK_ID:-}" ] && [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; then
+  modasm_launch --per-node launch/incubate.py "$@"   # a farm: one torchrun per node (its own rendezvous)
+else
+  modasm_launch "launch/$phase.py" "$@"   # incubate.py reads SLURM_ARRAY_TASK_ID itself (array mode)
+fi

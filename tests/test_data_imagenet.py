@@ -326,3 +326,25 @@ def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_inf
         a = load_file(str(tmp_path / "a" / "tiny-images" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
         b = load_file(str(tmp_path / "b" / "tiny-images" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after resume"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,start", [("imagefolder", "spawn"), ("webdataset", "forkserver")])
+def test_loader_workers_start_under_spawn_and_forkserver(data, tmp_path, source, start):
+    """A phase as users launch it, its 2 loader workers started by spawn / forkserver (the default on Linux from
+    Python 3.14): everything they receive pickles, the entry point is import-safe, and the result is the one
+    of a run without workers."""
+    from conftest import launch
+    tree, wds_dir, _ = data
+    ov = [str(TINY_IMAGES), f"data.source={source}", f"data.root={tree if source == 'imagefolder' else wds_dir}"]
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        res = launch("e2e.py", *ov, f"run.out_dir={out}", f"data.num_workers={workers}", f"data.worker_start={start}",
+                     timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        from safetensors.torch import load_file
+        runs[workers] = [load_file(str(out / "tiny-images" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+                         for m in (0, 1)]
+    for a, b in zip(runs[0], runs[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import ROOT, TINY, launch_env
+from conftest import ROOT, TINY, launch, launch_env
 from modasm import phases
 from modasm.config import fingerprint, load_recipe
 
@@ -154,3 +155,48 @@ def test_failed_array_task_keeps_assemble_from_running(cluster, with_meta):
     assert "incubate[0]" not in check.split("not complete:")[1].split("\n")[0]
     assert f"sbatch --array=1 slurm/incubate.sh {TINY} run.out_dir={with_meta}" in check
     assert "then assemble and fine-tune: sbatch slurm/assemble.sh" in check
+
+
+def test_rendezvous_host_is_the_jobs_first_node(cluster):
+    """slurm/env.sh: MASTER_ADDR is the first host of the job's node list (not `hostname --ip-address`, which is
+    127.0.1.1 on Debian hosts), unless the site sets MODASM_MASTER_ADDR."""
+    def addr(**env):
+        res = subprocess.run(["bash", "-c", 'source slurm/env.sh && echo "$MASTER_ADDR"'], cwd=ROOT, capture_output=True,
+                             text=True, env={**launch_env(MODASM_ROOT=str(ROOT)), "SLURM_JOB_ID": "77", **env})
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+    assert addr(SLURM_JOB_NODELIST="gpu-[07-09],gpu-12") == "gpu-07"
+    assert addr(SLURM_JOB_NODELIST="a100n[003,001]") == "a100n003"  # Slurm's order, as the batch host
+    assert addr(SLURM_JOB_NODELIST="gpu-[07-09]", MODASM_MASTER_ADDR="10.1.2.3") == "10.1.2.3"
+
+
+def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
+    """Preemption / scancel: SIGTERM to every process of a running phase's job. The ranks save at their next step
+    (not at the epoch's end), the job requeues, and the rerun resumes from that step to the weights of an
+    uninterrupted run."""
+    ov = [str(TINY), "data.train_limit=8192", "e2e.log_every_steps=1"]
+    ref = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'ref'}", timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    log, run = tmp_path / "e2e.out", tmp_path / "cut" / "tiny"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/e2e.sh", *ov, f"run.out_dir={tmp_path / 'cut'}"],
+                         cwd=ROOT, env=slurm_env(gpus=1), capture_output=True, text=True, check=True).stdout.strip()
+    metrics = run / "e2e" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        assert time.time() < deadline, "no training step in 300 s:\n" + (log.read_text()[-3000:] if log.exists() else "")
+        assert job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True)
+    states = wait([job])
+    text = log.read_text()
+    assert state(states, job) == "COMPLETED" and states[job][0]["Restarts"] == "1", text[-4000:]
+    assert "[slurm] TERM: asking the ranks to checkpoint" in text
+    saved = int(re.search(r"\[e2e\] stop requested: saved step (\d+)", text).group(1))
+    assert 3 <= saved < 128, text[-3000:]  # at a step, not at the end of the epoch (128 steps)
+    assert f"[e2e] resuming from step {saved}/128" in text
+    assert "plan: global batch 64 = micro-batch 64 x accumulation 1 x 1 rank(s)" in text
+    from safetensors.torch import load_file
+    for m in (0, 1):
+        a = load_file(str(tmp_path / "ref" / "tiny" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+        b = load_file(str(run / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after the requeue"

@@ -30,12 +30,16 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int, aug: AugConfig | N
     aug = aug or AugConfig()
     if cfg.source == "fashion-mnist":
         from . import fmnist
-        return fmnist.build(cfg, img_size, seed, aug.repeated_aug)
-    if cfg.source == "imagefolder":
+        pair = fmnist.build(cfg, img_size, seed, aug.repeated_aug)
+    elif cfg.source == "imagefolder":
         from . import imagefolder
-        return imagefolder.build(cfg, aug, img_size, seed)
-    from . import wds
-    return wds.build(cfg, aug, img_size, seed)
+        pair = imagefolder.build(cfg, aug, img_size, seed)
+    else:
+        from . import wds
+        pair = wds.build(cfg, aug, img_size, seed)
+    for ds in pair:
+        ds.start_method = cfg.worker_start or None
+    return pair
 
 
 def train_loader(ds, micro_batch: int, rank: int, world: int, workers: int):

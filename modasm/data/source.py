@@ -8,10 +8,27 @@ webdataset streams (``wds.ShardStream``) deal samples themselves.
 """
 from __future__ import annotations
 
+import signal
+
 from torch.utils.data import DataLoader, Dataset
 
 from .contract import collate
 from .samplers import EvalSampler, TrainSampler
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the training process: Slurm signals every process of a job
+    step on preemption, and a worker killed by it would end the epoch before the checkpoint is saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def worker_options(workers: int, start_method: str | None) -> dict:
+    """DataLoader options of ``workers`` worker processes started by ``start_method`` (None: Python's default;
+    everything a worker receives pickles, so spawn and forkserver work)."""
+    if not workers:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "worker_init_fn": ignore_stop_signals, "multiprocessing_context": start_method}
 
 
 class MapSource(Dataset):
@@ -20,6 +37,8 @@ class MapSource(Dataset):
     train: bool
     seed: int
     repeats: int
+    start_method: str | None = None  # of the loader workers (data.worker_start)
+    position_is_global = True  # set_epoch(start) names the same samples on any number of ranks
 
     def configure(self, rank: int, world: int, micro: int, workers: int) -> None:
         self.micro, self.workers = micro, workers
@@ -32,5 +51,5 @@ class MapSource(Dataset):
     def loader(self) -> DataLoader:
         # drop_last in training: every optimizer step sees a full micro-batch on every rank
         return DataLoader(self, batch_size=self.micro, sampler=self.sampler, drop_last=self.train,
-                          collate_fn=collate, num_workers=self.workers,
-                          persistent_workers=self.train and self.workers > 0)
+                          collate_fn=collate, persistent_workers=self.train and self.workers > 0,
+                          **worker_options(self.workers, self.start_method))

@@ -44,6 +44,7 @@ from .. import seeds
 from ..config import AugConfig, DataConfig
 from ..errors import UserError
 from .contract import IMAGE_EXTS, Bad, collate, decode_image, key_hash, select_fraction
+from .source import worker_options
 from .transforms import SeededTransform, image_transforms
 
 INDEX_FORMAT = "modasm-webdataset-index/1"
@@ -149,12 +150,15 @@ def index_shards(urls: list[str], split: str, out: Path, classes: list[str] | No
 class ShardStream(IterableDataset):
     """One split's shards as a stream of collated Batches (see the module docstring for the dealing)."""
 
+    position_is_global = False  # each rank reads its own range: a position means nothing on another rank count
+
     def __init__(self, urls: list[str], names: list[str], selected: list[np.ndarray], transform: SeededTransform,
                  train: bool, seed: int, repeats: int = 1, streams: int = 8, shuffle_buffer: int = 2000):
         self.urls, self.names, self.selected, self.transform = urls, names, selected, transform
         self.train, self.seed, self.repeats, self.streams, self.shuffle_buffer = train, seed, repeats, streams, shuffle_buffer
         self.n = int(sum(len(s) for s in selected))
         self.rank, self.world, self.micro, self.epoch, self.start = 0, 1, 1, 0, 0
+        self.start_method: str | None = None  # of the loader workers (data.worker_start)
 
     def __len__(self) -> int:
         return self.n
@@ -167,7 +171,7 @@ class ShardStream(IterableDataset):
 
     def loader(self) -> DataLoader:
         # the stream batches itself; fresh workers each epoch copy the stream's epoch and start position
-        return DataLoader(self, batch_size=None, num_workers=self.workers)
+        return DataLoader(self, batch_size=None, **worker_options(self.workers, self.start_method))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """``start``: samples of this rank already consumed this epoch (a multiple of the micro-batch)."""
