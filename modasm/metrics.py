@@ -143,18 +143,35 @@ class WandbRun:
         self.run.define_metric("cost/pipeline_device_hours")
         self.run.define_metric("eval/*", step_metric="cost/pipeline_device_hours", step_sync=True)
 
+    # W&B mirrors metrics.jsonl; it must never stop training. Its service is a separate process, which dies with
+    # the rest of a job step on a preemption's SIGTERM while the ranks still have a checkpoint to save: after a
+    # failure the mirror stops (one line says so) and the run goes on.
+
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 (whatever wandb raises: connection lost, service gone, ...)
+            print(f"[wandb] {what} failed ({type(e).__name__}: {e}); W&B logging stops, metrics.jsonl goes on",
+                  file=sys.stderr, flush=True)
+            self.run = None
+
     def log(self, record: dict, step: int) -> None:
-        self.run.log(record, step=step)
+        self._guard("log", lambda: self.run.log(record, step=step))
 
     def log_shards(self, label: str, export_dir: Path) -> None:
         """The shard set as an artifact: its manifest, and the weights by reference (not copied)."""
-        art = self.wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.group}-{label}-shards"), type="shards")
-        art.add_file(str(export_dir / "manifest.json"))
-        art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
-        self.run.log_artifact(art)
+        def log():
+            art = self.wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.group}-{label}-shards"), type="shards")
+            art.add_file(str(export_dir / "manifest.json"))
+            art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
+            self.run.log_artifact(art)
+        self._guard("artifact", log)
 
     def finish(self) -> None:
-        self.run.finish()
+        self._guard("finish", lambda: self.run.finish())
+        self.run = None
 
 
 def _netrc_has_wandb() -> bool:
