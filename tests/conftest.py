@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,8 +44,66 @@ def launch_env(**extra) -> dict:
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
-def launch(script: str, *args: str, nproc: int = 0, timeout: int = 300, env=None):
+def run_cmd(cmd: list[str], timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group and capture its output. One that outlives ``timeout`` fails
+    the test with its output so far, and takes its whole group along (torchrun's ranks too: killing only
+    torchrun would leave them running, holding cores the next tests need)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=launch_env(**(env or {})), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(script: str, *args: str, nproc: int = 0, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
     """Run an entry point as a user would and capture its output."""
-    import subprocess
-    return subprocess.run(launch_cmd(script, *args, nproc=nproc), capture_output=True, text=True,
-                          timeout=timeout, env=launch_env(**(env or {})), cwd=ROOT)
+    return run_cmd(launch_cmd(script, *args, nproc=nproc), timeout, env)
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, output=lambda: ""):
+    """Poll ``condition()`` until true. Fails the test, naming ``what`` and showing ``output()``, when
+    ``timeout`` seconds pass or ``proc`` exits first; never lets a caller act on a state it did not reach."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited (code {proc.returncode}) before {what}:\n{output()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s:\n{output()[-3000:]}")
+        time.sleep(0.02)
+
+
+# Deadlines of waits for a launched process to reach a state. Generous: on a loaded 2-core CI machine a
+# torchrun launch can wait minutes for its ranks' imports (or for DeepSpeed's JIT op build lock); a wait
+# that runs out fails the test, so a long one only costs time when something is wrong.
+STARTUP_S = 600
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread in this process, as launch_env gives launched ones: an in-process run then
+    computes bit for bit what a launched process computes, so the two can be compared exactly."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_stop_request():
+    """A stop request (SIGUSR1 -> train.request_stop) is process-wide and stands until a training loop
+    acts on it: that is what a preemption notice between two phases of one process needs. In the test
+    process it would carry over into the next test's phase, so each test starts without one, and a test
+    that leaves one pending fails (it would have stopped whatever ran next)."""
+    train = sys.modules.get("modasm.train")  # not imported yet: nobody can have asked
+    if train is not None:
+        train._STOP["requested"] = False
+    yield
+    train = sys.modules.get("modasm.train")
+    if train is not None and train._STOP["requested"]:
+        train._STOP["requested"] = False
+        pytest.fail("the test left a stop request pending (train.request_stop() that no loop acted on)")
