@@ -107,3 +107,33 @@ def no_stale_stop_request():
     if train is not None and train._STOP["requested"]:
         train._STOP["requested"] = False
         pytest.fail("the test left a stop request pending (train.request_stop() that no loop acted on)")
+
+
+def assert_export_is_master(export_dir: Path, ckpt_dir: Path, model_cfg, layout: list[int], bf16: bool) -> None:
+    """The shard set holds every tensor of the engine's fp32 master weights at the exported step: exactly,
+    or (bf16) exactly those rounded to bf16, as docs/method.md says ("shards hold the module's bf16-rounded
+    weights as fp32 tensors"). The master weights come from DeepSpeed's own zero_to_fp32 reading the phase's
+    final resume checkpoint (same step; every ZeRO partition gathered), not from the export path."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from modasm import model as M
+    from modasm.engine import complete_steps, tag
+    from modasm.shards import load_modules, read_manifest
+    manifest = read_manifest(export_dir)
+    step = manifest["step"]
+    assert complete_steps(ckpt_dir)[-1] == step, f"no resume checkpoint at the exported step {step}"
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag(step))
+    modules = [e["index"] for e in manifest["modules"]]
+    got, _ = load_modules(export_dir, model_cfg=model_cfg, modules=modules)
+    names = set()
+    for m in modules:
+        for local, v in got[m].items():
+            name = M.global_name(local, layout, m)
+            names.add(name)
+            want = master[name].bfloat16().float() if bf16 else master[name]
+            assert v.dtype == torch.float32, f"module {m} {local} exported as {v.dtype}"
+            same = torch.equal(v, want)
+            assert same, f"module {m} {local}: exported != master{' (bf16-rounded)' if bf16 else ''}, " \
+                         f"max |diff| {(v - want).abs().max().item():.3g}"
+    assert names == set(master), f"not exported: {sorted(set(master) - names)[:5]}"
