@@ -1,5 +1,6 @@
 """launch/assemble.py under torchrun with 2 gloo ranks: a real DeepSpeed data-parallel fine-tune."""
 import json
+import os
 import shutil
 
 import pytest
@@ -96,34 +97,56 @@ def test_two_ranks_zero3_bf16(incubated, tmp_path):
     assert manifest["metrics"]["device_seconds"] == pytest.approx(2 * manifest["metrics"]["wall_seconds"])
 
 
+def _same_weights(a, b, what):
+    for m in range(2):
+        x = load_file(str(a / f"module-{m:02d}.safetensors"))
+        y = load_file(str(b / f"module-{m:02d}.safetensors"))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{what}: module {m} tensor {k} differs from the uninterrupted run's"
+
+
 def test_stop_signal_to_one_rank_checkpoints_all_and_resumes(tmp_path):
-    """SIGUSR1 reaching one rank only: all ranks agree, save one complete checkpoint, exit; re-run resumes."""
+    """SIGUSR1 reaching one rank only: all ranks agree, save one complete checkpoint, exit; the re-run
+    resumes and ends with exactly the weights of a run that was never interrupted."""
     import signal
     import subprocess
-    import time
+    import threading
 
     import psutil
 
-    from conftest import ROOT, launch_cmd, launch_env
-    ov = [f"run.out_dir={tmp_path}", "data.train_limit=8192", "e2e.epochs=2", "e2e.log_every_steps=1"]
-    proc = subprocess.Popen(launch_cmd("e2e.py", str(TINY), *ov, nproc=2), cwd=ROOT, env=launch_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "tiny" / "e2e" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not any(r["kind"] == "train" for r in read_jsonl(metrics)) and time.time() < deadline:
-        time.sleep(0.05)
-    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "e2e.py" in " ".join(c.cmdline())]
-    assert len(ranks) == 2
-    ranks[1].send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    assert "stop requested: saved step" in out
+    from conftest import ROOT, STARTUP_S, launch_cmd, launch_env, wait_for
     from modasm.engine import complete_steps
-    steps = complete_steps(tmp_path / "tiny" / "e2e" / "ckpt")
-    assert len(steps) == 1 and 0 < steps[0] < 256
-    assert not (tmp_path / "tiny" / "e2e" / "export" / "manifest.json").exists()
+    ov = [str(TINY), "data.train_limit=8192", "e2e.epochs=2", "e2e.log_every_steps=1"]
+    run = tmp_path / "stopped" / "tiny" / "e2e"
+    proc = subprocess.Popen(launch_cmd("e2e.py", *ov, f"run.out_dir={tmp_path / 'stopped'}", nproc=2), cwd=ROOT,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(r["kind"] == "train" for r in read_jsonl(run / "metrics.jsonl")), STARTUP_S,
+                 "training step logged", proc, lambda: "".join(lines))
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "e2e.py" in " ".join(c.cmdline())]
+        assert len(ranks) == 2, f"expected 2 ranks under torchrun, found {[c.cmdline() for c in ranks]}"
+        ranks[1].send_signal(signal.SIGUSR1)
+        proc.wait(timeout=STARTUP_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=30)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested: saved step" in out, out[-3000:]
+    steps = complete_steps(run / "ckpt")
+    assert len(steps) == 1 and 0 < steps[0] < 256, f"checkpoints {steps}: the signal came too late (or never)"
+    assert not (run / "export" / "manifest.json").exists()
 
-    res = launch("e2e.py", str(TINY), *ov, nproc=2)
+    res = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'stopped'}", nproc=2)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert f"resuming from step {steps[0]}/256" in res.stdout
-    assert (tmp_path / "tiny" / "e2e" / "export" / "manifest.json").exists()
+    straight = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'straight'}", nproc=2)
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+    _same_weights(tmp_path / "straight" / "tiny" / "e2e" / "export", run / "export", "resumed after SIGUSR1")
