@@ -416,23 +416,25 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int, aug: AugConfig | N
 
 
 def train_loader(ds, micro_batch: int, rank: int, world: int, seed: int, workers: int):
+    # Every loader has its own generator: each iterator draws a worker base seed from it, which from the global
+    # RNG would shift the drop-path stream of a run resumed mid-epoch (its iterator is made after the restore).
     if isinstance(ds, IterableDataset):  # a stream batches itself (webds.ShardStream)
         ds.configure(rank, world, micro_batch, workers)
         # fresh workers each epoch: they copy the stream's epoch and start position when they start
-        return DataLoader(ds, batch_size=None, num_workers=workers)
+        return DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator())
     sampler = TrainSampler(len(ds), rank, world, seed, getattr(ds, "repeats", 1))
     # drop_last: every optimizer step sees a full micro-batch on every rank.
     return DataLoader(ds, batch_size=micro_batch, sampler=sampler, drop_last=True, collate_fn=collate,
-                      num_workers=workers, persistent_workers=workers > 0)
+                      num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator())
 
 
 def eval_loader(ds, batch: int, rank: int, world: int, workers: int):
     per_rank = max(1, batch // world)
     if isinstance(ds, IterableDataset):
         ds.configure(rank, world, per_rank, workers)
-        return DataLoader(ds, batch_size=None, num_workers=workers)
+        return DataLoader(ds, batch_size=None, num_workers=workers, generator=torch.Generator())
     return DataLoader(ds, batch_size=per_rank, sampler=EvalSampler(len(ds), rank, world), collate_fn=collate,
-                      num_workers=workers)
+                      num_workers=workers, generator=torch.Generator())
 
 
 def set_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
