@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import photos
-from conftest import ROOT, launch_env
+from conftest import ROOT, launch, launch_env
 from modasm import phases, train, webds
 from modasm.config import AugConfig, DataConfig, load_recipe
 from modasm.data import (Bad, ImageFolderDataset, SeededMixup, TrainSampler, build_datasets, collate,
@@ -303,10 +303,10 @@ def test_bad_files_and_cut_shards_become_bad_records(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
-def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_info, source):
+def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_info, source, monkeypatch, one_thread):
     tree, wds_dir, _ = data
     root = tree if source == "imagefolder" else wds_dir
-    ov = [f"data.source={source}", f"data.root={root}", "aug.repeated_aug=3"]
+    ov = [f"data.source={source}", f"data.root={root}", "aug.repeated_aug=3", "e2e.drop_path=0.1"]  # drop path: RNG resumed too
     straight = phases.run_e2e(load_recipe(TINY_IMAGES, ov + [f"run.out_dir={tmp_path / 'a'}"]), dist_info)
     assert straight["steps"] == 12 and straight["eval_samples"] == 14 and straight["bad_samples"] == 0
     recs = read_jsonl(tmp_path / "a" / "tiny-images" / "e2e" / "metrics.jsonl")
@@ -314,10 +314,16 @@ def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_inf
     assert len(losses) == 12 and all(np.isfinite(losses)) and len({round(v, 6) for v in losses}) > 1
 
     interrupted = load_recipe(TINY_IMAGES, ov + [f"run.out_dir={tmp_path / 'b'}"])
-    train.request_stop()  # checkpoint after the first optimizer step, mid-epoch
+    (tmp_path / "stop").touch()  # checkpoint after the first optimizer step, mid-epoch
+    monkeypatch.setenv(train.STOP_FILE_ENV, str(tmp_path / "stop"))
     assert phases.run_e2e(interrupted, dist_info) == {"interrupted": True, "step": 1}
-    resumed = phases.run_e2e(interrupted, dist_info)
-    assert resumed["top1"] == straight["top1"] and resumed["eval_loss"] == straight["eval_loss"]
+    monkeypatch.delenv(train.STOP_FILE_ENV)
+    # the resume is a new process (one thread, as this one): only what is on disk carries over
+    res = launch("e2e.py", str(TINY_IMAGES), *ov, f"run.out_dir={tmp_path / 'b'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resuming from step 1/12" in res.stdout
+    resumed = json.loads((tmp_path / "b" / "tiny-images" / "e2e" / "export" / "manifest.json").read_text())["metrics"]
+    assert (resumed["top1"], resumed["eval_loss"]) == (straight["top1"], straight["eval_loss"]), "evaluates differently"
     from safetensors.torch import load_file
     for m in (0, 1):
         a = load_file(str(tmp_path / "a" / "tiny-images" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
