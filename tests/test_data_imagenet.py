@@ -2,7 +2,6 @@
 TarWriter), exactly-once dealing over ranks and workers, resume, DeiT augmentation, bad samples."""
 import io
 import json
-import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -15,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import photos
-from conftest import ROOT, launch, launch_env
+from conftest import ROOT, launch, run_cmd
 from modasm import phases, train, webds
 from modasm.config import AugConfig, DataConfig, load_recipe
 from modasm.data import (Bad, ImageFolderDataset, SeededMixup, TrainSampler, build_datasets, collate,
@@ -85,7 +84,7 @@ def test_two_ranks_two_workers_see_every_sample_once(data, tmp_path):
     tree, wds_dir, keys = data
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "tests" / "data_probe.py"), str(tree), str(wds_dir), str(tmp_path), "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
+    res = run_cmd(cmd)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for source in ("imagefolder", "webdataset"):
