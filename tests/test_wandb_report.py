@@ -79,25 +79,28 @@ def test_cost_clock_counts_device_time_across_ranks():
 
 
 # How far a phase's clock may be from its records' own timestamps: each clock reading is taken just before
-# its record is written (microseconds apart, timestamps rounded to 1 ms), the first just after the start
+# its record is written (microseconds apart; timestamps are rounded to 1 ms), the first just after the start
 # record; the slack is for a loaded 2-core machine descheduling the writer in between.
 CLOCK_SLACK_S = 0.5
 
 
-def own_device_seconds(phase_dir) -> float:
-    """Device time of a phase measured by its own run's wall clock: the time stamps of its start and done
-    records (time.time(), not the phase's CostClock) x the ranks it ran on. Checks the clock's readings on
-    the way: every train/eval record's wall_seconds is its time since the start record."""
+def own_device_seconds(phase_dir) -> tuple[float, float]:
+    """A phase's device time as its own run's wall clock measures it: the time stamps of its records
+    (time.time(), not the phase's CostClock) x the ranks it ran on, as a bracket (low, high). The clock's
+    last reading comes after the last evaluation (and the checkpoint after it) and before the export, so
+    it lies between the eval record and the done record (written after the export). Checks the clock's
+    readings on the way: every train/eval record's wall_seconds is its time since the start record."""
     recs = read_jsonl(phase_dir / "metrics.jsonl")
     (start,), (done,) = [r for r in recs if r["kind"] == "start"], [r for r in recs if r["kind"] == "done"]
     for r in recs:
         if r["kind"] in ("train", "eval"):
             assert r["wall_seconds"] == pytest.approx(r["time"] - start["time"], abs=CLOCK_SLACK_S), (phase_dir, r)
             assert r["device_seconds"] == pytest.approx(r["wall_seconds"] * start["world"], rel=1e-9), (phase_dir, r)
-    own = (done["time"] - start["time"]) * start["world"]
-    # the clock stops before the export, the done record is written after it
-    assert own - CLOCK_SLACK_S * start["world"] <= done["device_seconds"] <= own + 0.01, (phase_dir, own, done)
-    return own
+    last_eval = [r for r in recs if r["kind"] == "eval"][-1]
+    low = (last_eval["time"] - start["time"] - CLOCK_SLACK_S) * start["world"]
+    high = (done["time"] - start["time"] + CLOCK_SLACK_S) * start["world"]
+    assert low <= done["device_seconds"] <= high, (phase_dir, low, done["device_seconds"], high)
+    return low, high
 
 
 def test_phases_add_up(pipeline, farm):
@@ -105,14 +108,14 @@ def test_phases_add_up(pipeline, farm):
             "inc1": phases.phase_dir(pipeline, "incubate", 1), "asm": phases.phase_dir(pipeline, "assemble"),
             "e2e": phases.phase_dir(pipeline, "e2e")}
     hours = {k: read_manifest(d / "export")["metrics"]["device_hours"] for k, d in dirs.items()}
-    own = {k: own_device_seconds(d) / 3600 for k, d in dirs.items()}
-    slack = CLOCK_SLACK_S / 3600
+    own = {k: tuple(s / 3600 for s in own_device_seconds(d)) for k, d in dirs.items()}
     for k in dirs:
-        assert hours[k] == pytest.approx(own[k], abs=slack), f"{k}: {hours[k]} device-h recorded, {own[k]} measured"
+        assert own[k][0] <= hours[k] <= own[k][1], f"{k}: {hours[k]} device-h recorded, measured {own[k]}"
     recs = read_jsonl(dirs["asm"] / "metrics.jsonl")
     start, done = recs[0], recs[-1]
     assert start["base_hours"] == pytest.approx(hours["meta"] + hours["inc0"] + hours["inc1"])
-    assert start["base_hours"] == pytest.approx(own["meta"] + own["inc0"] + own["inc1"], abs=3 * slack)
+    upstream = [own[k] for k in ("meta", "inc0", "inc1")]
+    assert sum(lo for lo, _ in upstream) <= start["base_hours"] <= sum(hi for _, hi in upstream)
     assert done["pipeline_device_hours"] == pytest.approx(start["base_hours"] + hours["asm"])
     inc = read_jsonl(dirs["inc1"] / "metrics.jsonl")
     assert inc[0]["base_hours"] == pytest.approx(hours["meta"])
@@ -124,8 +127,8 @@ def test_phases_add_up(pipeline, farm):
     for k in range(2):
         d = phases.phase_dir(farm, "incubate", k)
         metrics = read_manifest(d / "export")["metrics"]
-        assert metrics["world"] == 2
-        assert metrics["device_hours"] == pytest.approx(own_device_seconds(d) / 3600, abs=2 * slack), k
+        low, high = own_device_seconds(d)
+        assert metrics["world"] == 2 and low <= metrics["device_seconds"] <= high, (k, low, metrics, high)
 
 
 def test_report_has_plots_and_table(pipeline):

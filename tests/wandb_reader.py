@@ -56,7 +56,7 @@ def offline_runs(run_dir: str | Path) -> dict[str, dict]:
                 info["history"] |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
             elif kind == "artifact":
                 info["artifacts"].append((rec.artifact.type, {c.path: c.ref for c in rec.artifact.manifest.contents}))
-        assert info.get("id"), f"{f}: no run record"
+        assert info.get("id"), f"{f}: no run record (a writer that never finished its run?)"
         if info["id"] in runs:  # the same run continued in another file
             run = runs[info["id"]]
             run["files"] += info["files"]
