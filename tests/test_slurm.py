@@ -6,14 +6,17 @@ each fake GPU Slurm hands a job becomes one gloo rank.
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, launch, launch_env
+from conftest import ROOT, TINY, launch, launch_cmd, launch_env
 from modasm import phases
 from modasm.config import fingerprint, load_recipe
 
@@ -104,30 +107,55 @@ def with_meta(tmp_path, dist_info):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, with_meta):
-    """The time-limit signal (B:USR1) to a running incubation: checkpoint, requeue, resume, finish."""
+    """The time-limit signal (B:USR1) to a running incubation: checkpoint, requeue, resume, finish, and end
+    with exactly the weights of the same incubation never interrupted."""
     run = with_meta / "tiny"
     log = with_meta / "incubate.out"
-    ov = [f"run.out_dir={with_meta}", "data.train_limit=8192", "incubate.epochs=2", "incubate.log_every_steps=1"]
-    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/incubate.sh", str(TINY), *ov],
-                         cwd=ROOT, env=slurm_env(gpus=1), capture_output=True, text=True, check=True).stdout.strip()
-    metrics = run / "incubate" / "module-01" / "metrics.jsonl"  # K=2 on one rank: module 1 (deeper) first
-    deadline = time.time() + 300
-    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
-        assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    states = wait([job])
+    ov = ["data.train_limit=8192", "incubate.epochs=2", "incubate.log_every_steps=1"]
+    # the uninterrupted reference: the same phase as one rank (what the 1-GPU job runs), on the other core
+    # while the job runs; it starts from the same meta shards
+    ref = with_meta / "ref"
+    shutil.copytree(run / "meta", ref / "tiny" / "meta")
+    ref_log = with_meta / "ref.out"
+    with open(ref_log, "w") as f:
+        straight = subprocess.Popen(launch_cmd("incubate.py", str(TINY), f"run.out_dir={ref}", *ov), cwd=ROOT,
+                                    env=launch_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/incubate.sh", str(TINY),
+                              f"run.out_dir={with_meta}", *ov], cwd=ROOT, env=slurm_env(gpus=1),
+                             capture_output=True, text=True, check=True).stdout.strip()
+        metrics = run / "incubate" / "module-01" / "metrics.jsonl"  # K=2 on one rank: module 1 (deeper) first
+        deadline = time.time() + 600
+        while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+            assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, \
+                "no training step logged: " + (log.read_text()[-3000:] if log.exists() else "(no job output yet)")
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        states = wait([job])
+        straight.wait(timeout=900)
+    finally:
+        if straight.poll() is None:
+            os.killpg(straight.pid, signal.SIGKILL)
+            straight.wait()
     text = log.read_text()
     assert state(states, job) == "COMPLETED", text[-4000:]
     assert states[job][0]["Restarts"] == "1"
     assert "restart 0:" in text and "restart 1:" in text  # SLURM_RESTART_COUNT of each run
     saved = re.search(r"\[incubate\[1\]\] stop requested: saved step (\d+)", text)
     assert saved, text[-4000:]
+    assert 0 < int(saved.group(1)) < 256
     assert f"[incubate[1]] resuming from step {saved.group(1)}/256" in text
     assert "[incubate[0]]" not in text[:text.index("restart 1:")]  # the stop ended the job, not only module 1
-    for k in (0, 1):
-        assert (run / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").exists()
     assert not any((ROOT / "runs" / ".stop").glob(f"job-{job}"))
+    assert straight.returncode == 0, ref_log.read_text()[-3000:]
+    for k in (0, 1):
+        a = run / "incubate" / f"module-{k:02d}" / "export"
+        b = ref / "tiny" / "incubate" / f"module-{k:02d}" / "export"
+        assert (a / "manifest.json").exists()
+        x, y = load_file(str(a / f"module-{k:02d}.safetensors")), load_file(str(b / f"module-{k:02d}.safetensors"))
+        assert x.keys() == y.keys()
+        for name in x:
+            assert torch.equal(x[name], y[name]), f"module {k} {name} after the requeue differs from the uninterrupted run's"
 
 
 def test_failed_array_task_keeps_assemble_from_running(cluster, with_meta):
