@@ -21,7 +21,6 @@ digest is part of what the phase's result depends on (``init_from_sha256``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os

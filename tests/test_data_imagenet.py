@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import photos
-from conftest import ROOT, launch, launch_env, run_cmd
+from conftest import ROOT, launch, run_cmd
 from modasm import phases, train
 from modasm.config import AugConfig, DataConfig, load_recipe
 from modasm.data import Bad, SeededMixup, TrainSampler, build_datasets, collate, image_transforms, train_loader
