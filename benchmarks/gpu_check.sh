@@ -18,26 +18,29 @@
 #   then read $OUT/gpu_check.md (bench.json: launch/estimate.py RECIPE --measured bench.json; logs/: every step)
 # Dry run (CPU, tiny models, part of the tests so the script cannot rot; its figures mean nothing):
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu-check
-# Options: --budget SECONDS (default 450: the steps stop starting after it), PYTHON=... (default python3).
+# Options: --budget SECONDS (default 450: no step starts after it), PYTHON=... (default: python3 or python with torch).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-DRY=0; OUT=${OUT:-}; BUNDLE=""; BUDGET=450
-while [ $# -gt 0 ]; do
+DRY=0; OUT=${OUT:-$ROOT/runs/gpu-check}; BUNDLE=""; BUDGET=450
+while [ $# -gt 0 ]; do  # paths relative to where the script is called from
   case $1 in
     --dry-run) DRY=1 ;;
-    --out) OUT=$2; shift ;;
-    --bundle) BUNDLE=$2; shift ;;
+    --out) OUT=$(realpath -m "$2"); shift ;;
+    --bundle) BUNDLE=$(realpath -m "$2"); shift ;;
     --budget) BUDGET=$2; shift ;;
     *) echo "usage: $0 [--dry-run] [--out DIR] [--bundle DIR] [--budget SECONDS]" >&2; exit 2 ;;
   esac
   shift
 done
-OUT=${OUT:-runs/gpu-check}
+cd "$ROOT"
 [ $DRY = 1 ] && [ "$BUDGET" = 450 ] && BUDGET=1800  # a loaded 2-core CPU is slower than the GPU machine
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+for cand in python3 python; do  # the first Python that has torch
+  [ -z "$PY" ] && "$cand" -c "import torch" >/dev/null 2>&1 && PY=$cand
+done
+PY=${PY:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)

@@ -20,18 +20,15 @@ hardware their header names (tests/test_estimate.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import dist, perf, phases
+from . import dist, engine, perf, phases
 from .config import Recipe
-from . import engine  # noqa: F401  (DeepSpeed imported with its accelerator named)
 from .errors import UserError
 
 CAPACITY = 0.9            # of the device's memory a plan may fill
@@ -276,7 +273,7 @@ def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: 
     for pm in models:
         st = pm.states(stage, precision)
         cfg = getattr(recipe, pm.section)
-        micro = min(cfg.micro_batch, pm.share) if cfg.micro_batch else pm.share // cfg.accum_steps
+        micro = engine.accumulation(cfg, pm.ranks, pm.section)[0]
         need = st.total + pm.act(micro, ckpt)
         lines.append(f"{pm.label:<12} {pm.ranks:>5} {pm.share:>5} {_gib(st.params):>7} {_gib(st.grads):>6} "
                      f"{_gib(st.optimizer):>6} {pm.trace.activation_bytes_per_image(False) / 2**20:>6.0f}Mi "

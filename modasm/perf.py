@@ -11,7 +11,7 @@ formula, whose backward re-computes the scores: 2.5x the forward's two matmuls);
 SDPA is routed to that kernel's CPU twin, whose FLOP formula torch does not register (we do), so the
 count is the same on meta, CPU and CUDA. Model FLOPs are counted without activation checkpointing: a
 re-computed forward is hardware work, not model work (MFU, not HFU). Only matmuls and convolutions
-count (norms, GELU, softmax are < 2 % of a ViT's FLOPs and torch has no formula for them).
+count (norms, GELU, softmax are well under 1 % of a ViT's FLOPs and torch has no formula for them).
 
 MFU = achieved model FLOP/s per rank / the device's peak: a datasheet table by device name (dense, no
 sparsity) in the training precision, ``run.peak_tflops`` to override it, and on CPU a matmul probe.

@@ -73,7 +73,7 @@ def test_hybrid_counts_what_autograd_does(tiny):
     assert p - f == later
 
 
-def test_vit_h_counts(tiny):
+def test_vit_h_counts():
     """ViT-H/14 at 224: ~334.6 GFLOPs forward (the 167 GMACs usually quoted), ~3x for a training step."""
     recipe = load_recipe(ROOT / "recipes" / "vit-h14.yaml")
     with torch.device("meta"):
