@@ -1,7 +1,7 @@
 """Training-step overheads and the incubation's savings, side by side in one run (CPU; docs/benchmarks.md).
 
     python benchmarks/bench_step.py [--recipe recipes/vit-b16.yaml] [--width 384 --heads 6 --img 112]
-                                    [--micro 16] [--steps 4] [--reps 2]
+                                    [--micro 16] [--steps 4] [--reps 2] [--parts abc]
 
 The recipe's model (split, patch, classes) at a CPU-sized width and resolution, fp32, ZeRO-0, 1 rank,
 synthetic images. Every measurement is repeated ``--reps`` times, interleaved, and the best is kept (a
@@ -42,6 +42,7 @@ p.add_argument("--img", type=int, default=112)
 p.add_argument("--micro", type=int, default=16)
 p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per measurement (after one warm-up)")
 p.add_argument("--reps", type=int, default=2)
+p.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run")
 args = p.parse_args()
 
 recipe = load_recipe(args.recipe, [f"model.embed_dim={args.width}", f"model.num_heads={args.heads}",
@@ -138,35 +139,39 @@ print(f"model: {args.recipe} at width {args.width}, {args.heads} heads, {args.im
       f"ZeRO-0, 1 rank, {torch.get_num_threads()} threads, micro-batch {micro}, best of {args.reps} x {args.steps} "
       f"steps; load average {load0[0]:.2f} at start", flush=True)
 
-target = build("e2e")
-a = best({"bare": lambda: bare(target, list(target.parameters())), "engine": lambda: engine_rate("e2e"),
-          "loop": loop_rate})
-print("\n(a) one optimizer step of the target (E2E) model")
-print("| loop | img/s | vs bare |\n|---|---:|---:|")
-for name, label in [("bare", "bare PyTorch (timm model + torch AdamW)"), ("engine", "DeepSpeed engine alone"),
-                    ("loop", "our training loop (modasm.train)")]:
-    print(f"| {label} | {a[name]:.1f} | {a[name] / a['bare']:.3f} |", flush=True)
+if "a" in args.parts:
+    target = build("e2e")
+    a = best({"bare": lambda: bare(target, list(target.parameters())), "engine": lambda: engine_rate("e2e"),
+              "loop": loop_rate})
+    print("\n(a) one optimizer step of the target (E2E) model")
+    print("| loop | img/s | vs bare |\n|---|---:|---:|")
+    for name, label in [("bare", "bare PyTorch (timm model + torch AdamW)"), ("engine", "DeepSpeed engine alone"),
+                        ("loop", "our training loop (modasm.train)")]:
+        print(f"| {label} | {a[name]:.1f} | {a[name] / a['bare']:.3f} |", flush=True)
 
-ours, paper = hybrid0(False), hybrid0(True)
-b = best({"ours": lambda: bare(*ours), "paper": lambda: bare(*paper), "engine": lambda: engine_rate("incubate", 0)})
-f_ours, f_paper = flops("incubate", 0), perf.trace_step(paper[0]).flops_per_image
-print("\n(b) incubation step of module 0 (hybrid depth "
-      f"{sum(M.hybrid_layout(cfg.split, 0))}): step time against the paper-style step")
-print("| step | img/s | time vs paper-style | FLOPs vs paper-style |\n|---|---:|---:|---:|")
-print(f"| paper-style (all trainable, module 0 stepped), bare loop | {b['paper']:.1f} | 1.000 | 1.000 |")
-print(f"| ours (meta modules frozen), bare loop | {b['ours']:.1f} | {b['paper'] / b['ours']:.3f} | "
-      f"{f_ours / f_paper:.3f} |")
-print(f"| ours, DeepSpeed engine | {b['engine']:.1f} | {b['paper'] / b['engine']:.3f} | {f_ours / f_paper:.3f} |",
-      flush=True)
+if "b" in args.parts:
+    ours, paper = hybrid0(False), hybrid0(True)
+    b = best({"ours": lambda: bare(*ours), "paper": lambda: bare(*paper), "engine": lambda: engine_rate("incubate", 0)})
+    f_ours, f_paper = flops("incubate", 0), perf.trace_step(paper[0]).flops_per_image
+    print("\n(b) incubation step of module 0 (hybrid depth "
+          f"{sum(M.hybrid_layout(cfg.split, 0))}): step time against the paper-style step")
+    print("| step | img/s | time vs paper-style | FLOPs vs paper-style |\n|---|---:|---:|---:|")
+    print(f"| paper-style (all trainable, module 0 stepped), bare loop | {b['paper']:.1f} | 1.000 | 1.000 |")
+    print(f"| ours (meta modules frozen), bare loop | {b['ours']:.1f} | {b['paper'] / b['ours']:.3f} | "
+          f"{f_ours / f_paper:.3f} |")
+    print(f"| ours, DeepSpeed engine | {b['engine']:.1f} | {b['paper'] / b['engine']:.3f} | {f_ours / f_paper:.3f} |",
+          flush=True)
 
-cases = [("meta", None)] + [("incubate", k) for k in range(K)] + [("assemble", None)]
-c = best({phases.label(ph, k): (lambda ph=ph, k=k: engine_rate(ph, k)) for ph, k in cases})
-f = {phases.label(ph, k): flops(ph, k) for ph, k in cases}
-print("\n(c) each phase's step against the target's (DeepSpeed engine)")
-print("| model | depth | img/s | step time vs target | FLOPs vs target |\n|---|---:|---:|---:|---:|")
-for ph, k in cases:
-    name = phases.label(ph, k)
-    depth = sum(phases.PHASES[ph].layout(recipe, k))
-    print(f"| {name} | {depth} | {c[name]:.1f} | {c['assemble'] / c[name]:.3f} | {f[name] / f['assemble']:.3f} |")
+if "c" in args.parts:
+    cases = [("meta", None)] + [("incubate", k) for k in range(K)] + [("assemble", None)]
+    c = best({phases.label(ph, k): (lambda ph=ph, k=k: engine_rate(ph, k)) for ph, k in cases})
+    f = {phases.label(ph, k): flops(ph, k) for ph, k in cases}
+    print("\n(c) each phase's step against the target's (DeepSpeed engine)")
+    print("| model | depth | img/s | step time vs target | FLOPs vs target |\n|---|---:|---:|---:|---:|")
+    for ph, k in cases:
+        name = phases.label(ph, k)
+        depth = sum(phases.PHASES[ph].layout(recipe, k))
+        print(f"| {name} | {depth} | {c[name]:.1f} | {c['assemble'] / c[name]:.3f} | {f[name] / f['assemble']:.3f} |")
+
 load1 = os.getloadavg()
 print(f"\nload average {load1[0]:.2f} at the end (1 / 5 / 15 min: {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f})")

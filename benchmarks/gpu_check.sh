@@ -54,8 +54,9 @@ FMNIST=/usr/share/datasets/fashion-mnist
 if [ $DRY = 1 ]; then
   export DS_ACCELERATOR=cpu TORCH_COMPILE_DISABLE=1  # compile rows run eagerly: inductor takes minutes on a CPU
   # the recipes' structure at toy sizes: 4 modules of 1 block, 2 images per micro-batch
-  TINY_H="model.embed_dim=32 model.num_heads=2 model.img_size=28 model.split=[1,1,1,1] meta.micro_batch=2 incubate.micro_batch=2 assemble.micro_batch=2"
-  TINY_B="model.embed_dim=32 model.num_heads=2 model.img_size=32 model.split=[1,1,1,1] meta.micro_batch=2 incubate.micro_batch=2 assemble.micro_batch=2"
+  TOY="model.embed_dim=32 model.num_heads=2 model.split=[1,1,1,1] meta.micro_batch=2 incubate.micro_batch=2"
+  TINY_H="$TOY assemble.micro_batch=2 model.img_size=28"
+  TINY_B="$TOY assemble.micro_batch=2 model.img_size=32"
   DEMO="data.train_limit=256 data.eval_limit=256 data.eval_batch_size=128"
   STEPS="--steps 1 --warmup 1"
   PLAIN="--checkpointing on"; COMPILED="--phase assemble"  # fewer engines: every code path, not every figure

@@ -86,7 +86,8 @@ def run_config(recipe: Recipe, phase: str, k: int | None, info: DistInfo, micro:
         res.flops_per_image, res.peak_source = trace.flops_per_image, meter.peak.source
         plan = engine.plan(cfg, info.world, phase, n_train=cfg.batch_size)
         speed.prepare_model(model, fast, info.device)
-        eng, _ = engine.build_engine(model, cfg, recipe.deepspeed, info, plan, speed.optimizer_kwargs(fast, info.device))
+        eng, _ = engine.build_engine(model, cfg, recipe.deepspeed, info, plan,
+                                     speed.optimizer_kwargs(fast, info.device))
         g = torch.Generator(device=info.device).manual_seed(0)
         pe = model.patch_embed
         x = torch.randn(micro, pe.proj.in_channels, *pe.img_size, device=info.device, generator=g)

@@ -263,7 +263,8 @@ def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: 
     rec = recommend(models, precision, g.memory_bytes)
     kind = perf.matmul_precision(precision)
     peak = getattr(g, kind)
-    lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.0f} M parameters), {precision}, "
+    lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.0f} M parameters), "
+             f"{precision}, "
              f"ZeRO-{stage}, checkpointing {'on' if ckpt else 'off'}; on {gpus} x {g.key} "
              f"({g.memory_mib / 1024:.0f} GiB, plan within {CAPACITY:.0%} = {_gib(CAPACITY * g.memory_bytes)} GiB; "
              f"peak {peak:g} {kind} TFLOP/s)", "",

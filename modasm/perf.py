@@ -127,7 +127,8 @@ def peak(device: torch.device, precision: str, override: float = 0.0) -> Peak:
         return Peak(getattr(g, kind), f"datasheet {g.key} {kind} (device: {name})")
     if device.type == "cpu":
         dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        return Peak(cpu_probe_tflops(dtype), f"measured: CPU {kind} 1024^3 matmul probe ({torch.get_num_threads()} threads)")
+        threads = torch.get_num_threads()
+        return Peak(cpu_probe_tflops(dtype), f"measured: CPU {kind} 1024^3 matmul probe ({threads} threads)")
     return Peak(None, f"no peak known for device {device}: set run.peak_tflops")
 
 
@@ -213,7 +214,8 @@ def trace_step(model: torch.nn.Module, batch: int = 2, dtype: torch.dtype | None
             saved.setdefault(name, 0)
             inputs[name] = args[0].untyped_storage().nbytes()
 
-        hooks += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(lambda *_: where.__setitem__(0, "other"))]
+        hooks += [blk.register_forward_pre_hook(pre),
+                  blk.register_forward_hook(lambda *_: where.__setitem__(0, "other"))]
 
     def pack(t: torch.Tensor):
         s = t.untyped_storage()

@@ -7,7 +7,8 @@ from modasm import estimate, perf
 from modasm.config import load_recipe
 
 D = 1280
-BLOCK = 3 * D * D + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D) + 4 * D  # qkv (no bias), proj, fc1, fc2, 2 norms
+# qkv (no bias), proj, fc1, fc2, 2 norms
+BLOCK = 3 * D * D + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D) + 4 * D
 FIRST = (3 * 14 * 14 * D + D) + D + 257 * D                                      # patch embed, cls token, pos embed
 LAST = 2 * D + D * 1000 + 1000                                                    # final norm, head
 VIT_H = 32 * BLOCK + FIRST + LAST
