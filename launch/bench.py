@@ -5,8 +5,6 @@
 --sweep: micro-batch (half, the recipe's, double) x compile x checkpointing. Prints img/s, TFLOP/s, MFU and
 peak memory per rank; --json FILE appends the rows (launch/estimate.py --measured FILE reads them).
 """
-import time
-
 from modasm import bench, cli, dist
 
 
@@ -24,25 +22,13 @@ def add(p):
 
 
 def run():
-    info, K = dist.init(), recipe.model.K
-    ks = sorted({int(m) % K for m in args.module.split(",")})
-    micro = [int(m) for m in args.micro.split(",")] if args.micro else None
-    results = []
-    for phase in args.phase.split(","):
-        for k in (ks if phase == "incubate" else [None]):
-            for mb, comp, ckpt in bench.configs(recipe, phase, info.world, info.device, micro, args.compile,
-                                                args.checkpointing, args.sweep):
-                if args.deadline and time.time() > args.deadline:
-                    r = bench.Result(bench.estimate.model_name(recipe), phase, k, mb, 1, info.world, comp, ckpt,
-                                     error="skipped: time budget")
-                else:
-                    r = bench.run_config(recipe, phase, k, info, mb, comp, ckpt, args.steps, args.warmup)
-                results.append(r)
-                if args.json and info.is_main:
-                    bench.write_json(args.json, [r], args.recipe)
+    info = dist.init()
+    results = bench.run(recipe, info, args.phase.split(","), [int(m) for m in args.module.split(",")],
+                        [int(m) for m in args.micro.split(",")] if args.micro else None, args.compile,
+                        args.checkpointing, args.sweep, args.steps, args.warmup, args.json, args.deadline, args.recipe)
     if info.is_main:
         print(bench.table(results), flush=True)
-    if any(r.error and r.error != "OOM" and not r.error.startswith("skipped") for r in results):
+    if bench.failed(results):
         raise SystemExit(1)
 
 

@@ -150,6 +150,34 @@ def configs(recipe: Recipe, phase: str, world: int, device: torch.device, micro:
     return [(mb, c, a) for mb in micros for c in comp for a in ckpt]
 
 
+def run(recipe: Recipe, info: DistInfo, phase_list: list[str], modules: list[int], micro: list[int] | None = None,
+        compile_: str = "recipe", checkpointing: str = "recipe", sweep: bool = False, steps: int = 10,
+        warmup: int = 3, json_path: str | None = None, deadline: float | None = None,
+        recipe_path: str = "") -> list[Result]:
+    """Every configuration of every phase (incubation: of each module in ``modules``; -1 = K-1), in turn;
+    each row appended to ``json_path`` as soon as it is measured. Past ``deadline`` (unix time) the rest are
+    reported as skipped."""
+    K, results = recipe.model.K, []
+    for phase in phase_list:
+        for k in (sorted({m % K for m in modules}) if phase == "incubate" else [None]):
+            for mb, comp, ckpt in configs(recipe, phase, info.world, info.device, micro, compile_, checkpointing,
+                                          sweep):
+                if deadline and time.time() > deadline:
+                    r = Result(estimate.model_name(recipe), phase, k, mb, 1, info.world, comp, ckpt,
+                               device=_device_name(info.device), error="skipped: time budget")
+                else:
+                    r = run_config(recipe, phase, k, info, mb, comp, ckpt, steps, warmup)
+                results.append(r)
+                if json_path and info.is_main:
+                    write_json(json_path, [r], recipe_path)
+    return results
+
+
+def failed(results: list[Result]) -> bool:
+    """A configuration that broke (out of memory and skipped ones are results, not failures)."""
+    return any(r.error and r.error != "OOM" and not r.error.startswith("skipped") for r in results)
+
+
 def table(results: list[Result]) -> str:
     head = (f"{'model':<9} {'phase':<12} {'micro':>5} {'compile':>7} {'ckpt':>4} {'img/s':>8} {'TFLOP/s':>8} "
             f"{'MFU %':>6} {'peak GiB':>8} {'est. GiB':>8}")
