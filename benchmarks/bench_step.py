@@ -4,8 +4,10 @@
                                     [--micro 16] [--steps 4] [--reps 2] [--parts abc]
 
 The recipe's model (split, patch, classes) at a CPU-sized width and resolution, fp32, ZeRO-0, 1 rank,
-synthetic images. Every measurement is repeated ``--reps`` times, interleaved, and the best is kept (a
-shared machine's load only ever slows a run down).
+synthetic images, one torch thread (``--threads``). Each figure twice: wall-clock img/s, and the process's
+CPU seconds per optimizer step, which other processes on a shared machine barely change (with one thread
+nothing waits for a descheduled sibling). Every measurement is repeated ``--reps`` times, interleaved, and
+the best of each is kept.
   (a) one optimizer step of the target (E2E) model: a bare loop (plain PyTorch: the same timm model,
       torch AdamW, the same micro-batch), our DeepSpeed engine alone (launch/bench.py's step), and our
       whole training loop (modasm.train.train: loader, engine, logging, stop and health checks);
@@ -43,11 +45,13 @@ p.add_argument("--micro", type=int, default=16)
 p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per measurement (after one warm-up)")
 p.add_argument("--reps", type=int, default=2)
 p.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run")
+p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time robust to load)")
 args = p.parse_args()
 
 recipe = load_recipe(args.recipe, [f"model.embed_dim={args.width}", f"model.num_heads={args.heads}",
                                    f"model.img_size={args.img}", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
                                    "logging.wandb.mode=disabled", "logging.progress=lines"])
+torch.set_num_threads(args.threads)
 info = dist.init()
 cfg, K, micro = recipe.model, recipe.model.K, args.micro
 g = torch.Generator().manual_seed(0)
@@ -60,8 +64,8 @@ def build(phase, k=None):
     return phases.PHASES[phase].build(recipe, k, None)
 
 
-def bare(model, opt_params) -> float:
-    """img/s of plain PyTorch: forward, loss, backward, AdamW step (only ``opt_params`` stepped)."""
+def bare(model, opt_params) -> tuple[float, float]:
+    """(img/s, CPU s per step) of plain PyTorch: forward, loss, backward, AdamW step (``opt_params`` stepped)."""
     opt = torch.optim.AdamW(opt_params, lr=1e-4, weight_decay=0.05)
 
     def step():
@@ -70,54 +74,60 @@ def bare(model, opt_params) -> float:
         loss.backward()
         opt.step()
     step()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
-    return args.steps * micro / (time.perf_counter() - t)
+    return args.steps * micro / (time.perf_counter() - t), (time.process_time() - cpu) / args.steps
 
 
-def engine_rate(phase, k=None) -> float:
+def engine_rate(phase, k=None) -> tuple[float, float]:
     r = bench.run_config(recipe, phase, k, info, micro, False, False, steps=args.steps, warmup=1)
     assert r.error is None, r.error
-    return r.img_per_s
+    return r.img_per_s, r.cpu_s
 
 
 class Synthetic(MapSource):
-    """The same random images as a dataset, read through the loop's own loader."""
+    """The same random images as a dataset, read through the loop's own loader; notes the clocks whenever
+    the loop starts fetching a micro-batch (the loader runs in the main process: workers 0)."""
     train, seed, repeats = True, 0, 1
 
     def __init__(self, n, train=True):
-        self.n, self.train = n, train
+        self.n, self.train, self.calls, self.clocks = n, train, 0, []
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, item):
+        if self.train and self.calls % micro == 0:
+            self.clocks.append((time.perf_counter(), time.process_time()))
+        self.calls += 1
         i = item[0] if isinstance(item, tuple) else item
         return X[i % micro], Y[i % micro], str(i)
 
 
-def loop_rate() -> float:
-    """img/s of modasm.train.train on the target: from the training lines' timestamps, first step excluded."""
+def loop_rate() -> tuple[float, float]:
+    """(img/s, CPU s per step) of modasm.train.train on the target, over the loop's iterations from the start
+    of the second micro-batch fetch to the start of the last (the first step warms up)."""
     with tempfile.TemporaryDirectory() as tmp:
         section = dict(epochs=1, batch_size=micro, micro_batch=0, warmup_epochs=0.0, log_every_steps=1,
                        eval_every_epochs=1, drop_path=recipe.e2e.drop_path, clip_grad=0.0)
         job = Job(label="e2e", section="e2e", out=Path(tmp), model=build("e2e"),
                   cfg=dataclasses.replace(recipe.e2e, **section), ds=recipe.deepspeed,
                   export=lambda *_: None, seed=recipe.run.seed, speed=recipe.speed)
-        train(job, Synthetic(micro * (args.steps + 1)), Synthetic(micro, train=False), info)
-        recs = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["kind"] == "train"]
-    first, last = recs[0], recs[-1]
-    return (last["step"] - first["step"]) * micro / (last["time"] - first["time"])
+        data = Synthetic(micro * (args.steps + 2))
+        train(job, data, Synthetic(micro, train=False), info)
+        assert len(read_jsonl(Path(tmp) / "metrics.jsonl")) > args.steps  # it trained and logged every step
+    (w0, c0), (w1, c1) = data.clocks[1], data.clocks[-1]
+    return args.steps * micro / (w1 - w0), (c1 - c0) / args.steps
 
 
 def best(fns: dict) -> dict:
-    """Each measurement ``reps`` times, interleaved; the best img/s of each."""
+    """Each measurement ``reps`` times, interleaved: {name: (best img/s, best CPU s per step)}."""
     out = {name: [] for name in fns}
     for _ in range(args.reps):
         for name, fn in fns.items():
             out[name].append(fn())
-    return {name: max(v) for name, v in out.items()}
+    return {name: (max(w for w, _ in v), min(c for _, c in v)) for name, v in out.items()}
 
 
 def hybrid0(paper: bool):
@@ -143,11 +153,12 @@ if "a" in args.parts:
     target = build("e2e")
     a = best({"bare": lambda: bare(target, list(target.parameters())), "engine": lambda: engine_rate("e2e"),
               "loop": loop_rate})
-    print("\n(a) one optimizer step of the target (E2E) model")
-    print("| loop | img/s | vs bare |\n|---|---:|---:|")
+    print("\n(a) one optimizer step of the target (E2E) model; throughput relative to the bare loop")
+    print("| loop | img/s (wall) | vs bare | CPU s / step | vs bare (CPU time) |\n|---|---:|---:|---:|---:|")
     for name, label in [("bare", "bare PyTorch (timm model + torch AdamW)"), ("engine", "DeepSpeed engine alone"),
                         ("loop", "our training loop (modasm.train)")]:
-        print(f"| {label} | {a[name]:.1f} | {a[name] / a['bare']:.3f} |", flush=True)
+        (w, c), (wb, cb) = a[name], a["bare"]
+        print(f"| {label} | {w:.2f} | {w / wb:.3f} | {c:.3f} | {cb / c:.3f} |", flush=True)
 
 if "b" in args.parts:
     ours, paper = hybrid0(False), hybrid0(True)
@@ -155,23 +166,29 @@ if "b" in args.parts:
     f_ours, f_paper = flops("incubate", 0), perf.trace_step(paper[0]).flops_per_image
     print("\n(b) incubation step of module 0 (hybrid depth "
           f"{sum(M.hybrid_layout(cfg.split, 0))}): step time against the paper-style step")
-    print("| step | img/s | time vs paper-style | FLOPs vs paper-style |\n|---|---:|---:|---:|")
-    print(f"| paper-style (all trainable, module 0 stepped), bare loop | {b['paper']:.1f} | 1.000 | 1.000 |")
-    print(f"| ours (meta modules frozen), bare loop | {b['ours']:.1f} | {b['paper'] / b['ours']:.3f} | "
-          f"{f_ours / f_paper:.3f} |")
-    print(f"| ours, DeepSpeed engine | {b['engine']:.1f} | {b['paper'] / b['engine']:.3f} | {f_ours / f_paper:.3f} |",
-          flush=True)
+    print("| step | img/s (wall) | time vs paper-style (wall) | CPU s / step | vs paper-style (CPU) | FLOPs vs "
+          "paper-style |\n|---|---:|---:|---:|---:|---:|")
+    (wp, cp), fr = b["paper"], f_ours / f_paper
+    for name, label in [("paper", "paper-style (all trainable, module 0 stepped), bare loop"),
+                        ("ours", "ours (meta modules frozen), bare loop"), ("engine", "ours, DeepSpeed engine")]:
+        w, c = b[name]
+        print(f"| {label} | {w:.2f} | {wp / w:.3f} | {c:.3f} | {c / cp:.3f} | {1.0 if name == 'paper' else fr:.3f} |",
+              flush=True)
 
 if "c" in args.parts:
     cases = [("meta", None)] + [("incubate", k) for k in range(K)] + [("assemble", None)]
     c = best({phases.label(ph, k): (lambda ph=ph, k=k: engine_rate(ph, k)) for ph, k in cases})
     f = {phases.label(ph, k): flops(ph, k) for ph, k in cases}
     print("\n(c) each phase's step against the target's (DeepSpeed engine)")
-    print("| model | depth | img/s | step time vs target | FLOPs vs target |\n|---|---:|---:|---:|---:|")
+    print("| model | depth | img/s (wall) | step time vs target (wall) | CPU s / step | vs target (CPU) | FLOPs vs "
+          "target |\n|---|---:|---:|---:|---:|---:|---:|")
+    (wt, ct) = c["assemble"]
     for ph, k in cases:
         name = phases.label(ph, k)
         depth = sum(phases.PHASES[ph].layout(recipe, k))
-        print(f"| {name} | {depth} | {c[name]:.1f} | {c['assemble'] / c[name]:.3f} | {f[name] / f['assemble']:.3f} |")
+        w, cs = c[name]
+        print(f"| {name} | {depth} | {w:.2f} | {wt / w:.3f} | {cs:.3f} | {cs / ct:.3f} | "
+              f"{f[name] / f['assemble']:.3f} |")
 
 load1 = os.getloadavg()
 print(f"\nload average {load1[0]:.2f} at the end (1 / 5 / 15 min: {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f})")

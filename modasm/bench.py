@@ -37,6 +37,7 @@ class Result:
     compile: bool
     checkpointing: bool
     img_per_s: float | None = None      # per rank
+    cpu_s: float | None = None          # host CPU seconds per optimizer step (all threads of this process)
     tflops: float | None = None         # model TFLOP/s per rank
     mfu: float | None = None
     peak_gib: float | None = None       # torch.cuda.max_memory_allocated (None on CPU)
@@ -106,12 +107,12 @@ def run_config(recipe: Recipe, phase: str, k: int | None, info: DistInfo, micro:
             step()
         _sync(info.device)
         barrier(info)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step()
         _sync(info.device)
         elapsed = time.perf_counter() - start
-        res.img_per_s = steps * accum * micro / elapsed
+        res.img_per_s, res.cpu_s = steps * accum * micro / elapsed, (time.process_time() - cpu) / steps
         res.tflops, res.mfu = meter.fields(res.img_per_s).values()
         if info.device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(info.device) / 2**30
