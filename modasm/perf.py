@@ -95,13 +95,14 @@ class Peak:
     source: str
 
 
-_PROBED: dict[torch.dtype, float] = {}
+_PROBED: dict[tuple, float] = {}
 
 
 def cpu_probe_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.25) -> float:
-    """Best matmul TFLOP/s of this CPU in ``dtype`` (measured once per process: it is this machine's
+    """Best matmul TFLOP/s of this CPU in ``dtype`` (measured once per process and thread count: it is this machine's
     practical peak, as loaded as it is, not a datasheet value)."""
-    if dtype not in _PROBED:
+    key = (dtype, n, torch.get_num_threads())
+    if key not in _PROBED:
         g = torch.Generator().manual_seed(0)  # its own generator: the process RNG is not touched
         a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         a @ b
@@ -110,8 +111,8 @@ def cpu_probe_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds:
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        _PROBED[dtype] = 2 * n**3 / best / 1e12
-    return _PROBED[dtype]
+        _PROBED[key] = 2 * n**3 / best / 1e12
+    return _PROBED[key]
 
 
 def peak(device: torch.device, precision: str, override: float = 0.0) -> Peak:
