@@ -71,7 +71,7 @@ step() {
   local name=$1 need=$2; shift 2
   local t0 rc budget; t0=$(date +%s); budget=$(left)
   if [ "$budget" -lt "$need" ]; then
-    SUMMARY+=("| $name | SKIP (budget: ${budget} s left, needs ~${need} s) | 0 |"); return 0
+    SUMMARY+=("| $name | SKIP (budget: ${budget} s left, needs ~${need} s) | 0 |"); return 1
   fi
   echo "== $name (${budget} s left)" >&2
   timeout --kill-after=10 "$budget" bash -c '"$@"' "$name" "$@" >"$OUT/logs/$name.log" 2>&1  # functions too
@@ -160,7 +160,7 @@ bench() {  # bench NAME RECIPE OVERRIDES... -- BENCH_ARGS...
   # shellcheck disable=SC2086
   step "$name" 30 "$PY" launch/bench.py "$recipe" "${ov[@]}" --phase meta,incubate,assemble --module 0,-1 $STEPS \
     --json "$OUT/bench.json" --deadline "$((DEADLINE - 15))" "$@"
-  grep -A 100 -- "^model " "$OUT/logs/$name.log" | code /dev/stdin
+  grep -E -- "^(model |---|ViT-|per rank)" "$OUT/logs/$name.log" 2>/dev/null | code /dev/stdin  # rows as measured
 }
 section "1. Training steps: launch/bench.py (synthetic batches, 1 rank, the recipe's micro-batch)"
 # shellcheck disable=SC2086
@@ -206,7 +206,8 @@ EOF
 for mode in one-torchrun torchrun-per-group; do
   step "farm-$mode" 20 farm $mode
   { echo "**$mode**: ${SUMMARY[-1]}"; echo; } >>"$REPORT"
-  grep -E "\[incubate|error|Error|both modules" "$OUT/logs/farm-$mode.log" | tail -n 8 | code /dev/stdin
+  grep -E "\[incubate|error|Error|both modules" "$OUT/logs/farm-$mode.log" 2>/dev/null | tail -n 8 \
+    | code /dev/stdin
 done
 
 # ---------------------------------------------------------------- 3. demo end to end in bf16
@@ -226,7 +227,7 @@ EOF
 export -f demo
 section "3. Demo (recipes/demo-fmnist.yaml) end to end in bf16"
 step demo 60 demo
-grep -B 2 -A 12 -- "^model  " "$OUT/logs/demo.log" | code /dev/stdin
+grep -B 2 -A 12 -- "^model  " "$OUT/logs/demo.log" 2>/dev/null | code /dev/stdin
 
 # ---------------------------------------------------------------- 4. compiled
 section "4. Training steps with torch.compile"

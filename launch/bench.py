@@ -23,11 +23,11 @@ def add(p):
 
 def run():
     info = dist.init()
+    echo = (lambda line: print(line, flush=True)) if info.is_main else None  # each row as it is measured
     results = bench.run(recipe, info, args.phase.split(","), [int(m) for m in args.module.split(",")],
                         [int(m) for m in args.micro.split(",")] if args.micro else None, args.compile,
-                        args.checkpointing, args.sweep, args.steps, args.warmup, args.json, args.deadline, args.recipe)
-    if info.is_main:
-        print(bench.table(results), flush=True)
+                        args.checkpointing, args.sweep, args.steps, args.warmup, args.json, args.deadline, args.recipe,
+                        echo)
     if bench.failed(results):
         raise SystemExit(1)
 

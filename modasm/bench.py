@@ -154,11 +154,13 @@ def configs(recipe: Recipe, phase: str, world: int, device: torch.device, micro:
 def run(recipe: Recipe, info: DistInfo, phase_list: list[str], modules: list[int], micro: list[int] | None = None,
         compile_: str = "recipe", checkpointing: str = "recipe", sweep: bool = False, steps: int = 10,
         warmup: int = 3, json_path: str | None = None, deadline: float | None = None,
-        recipe_path: str = "") -> list[Result]:
+        recipe_path: str = "", echo=None) -> list[Result]:
     """Every configuration of every phase (incubation: of each module in ``modules``; -1 = K-1), in turn;
-    each row appended to ``json_path`` as soon as it is measured. Past ``deadline`` (unix time) the rest are
-    reported as skipped."""
+    each row appended to ``json_path`` and passed to ``echo`` (a print function) as soon as it is measured,
+    so a run stopped early keeps what it measured. Past ``deadline`` (unix time) the rest are skipped."""
     K, results = recipe.model.K, []
+    if echo:
+        echo(header())
     for phase in phase_list:
         for k in (sorted({m % K for m in modules}) if phase == "incubate" else [None]):
             for mb, comp, ckpt in configs(recipe, phase, info.world, info.device, micro, compile_, checkpointing,
@@ -171,6 +173,10 @@ def run(recipe: Recipe, info: DistInfo, phase_list: list[str], modules: list[int
                 results.append(r)
                 if json_path and info.is_main:
                     write_json(json_path, [r], recipe_path)
+                if echo:
+                    echo(row(r))
+    if echo:
+        echo(footer(results))
     return results
 
 
@@ -179,22 +185,32 @@ def failed(results: list[Result]) -> bool:
     return any(r.error and r.error != "OOM" and not r.error.startswith("skipped") for r in results)
 
 
-def table(results: list[Result]) -> str:
-    head = (f"{'model':<9} {'phase':<12} {'micro':>5} {'compile':>7} {'ckpt':>4} {'img/s':>8} {'TFLOP/s':>8} "
+def header() -> str:
+    head = (f"{'model':<10} {'phase':<12} {'micro':>5} {'compile':>7} {'ckpt':>4} {'img/s':>8} {'TFLOP/s':>8} "
             f"{'MFU %':>6} {'peak GiB':>8} {'est. GiB':>8}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        def f(v, spec):
-            return "—" if v is None else format(v, spec)
-        tail = (f"{f(r.img_per_s, '8.1f')} {f(r.tflops, '8.3f')} {f(None if r.mfu is None else 100 * r.mfu, '6.1f')} "
-                f"{f(r.peak_gib, '8.2f')}" if r.error is None else f"{r.error:>32}")
-        lines.append(f"{r.model:<9} {r.label:<12} {r.micro:>5} {'on' if r.compile else 'off':>7} "
-                     f"{'on' if r.checkpointing else 'off':>4} {tail} {f(r.estimate_gib, '8.2f')}")
-    if results:
-        lines.append(f"per rank; {results[0].world} rank(s) of {results[0].device}; MFU against "
-                     f"{results[0].peak_source or 'no known peak'}; synthetic batches, one micro-batch per optimizer "
-                     f"step; peak: allocator high-water mark; est.: launch/estimate.py's states + activations")
-    return "\n".join(lines)
+    return head + "\n" + "-" * len(head)
+
+
+def row(r: Result) -> str:
+    def f(v, spec):
+        return "—" if v is None else format(v, spec)
+    tail = (f"{f(r.img_per_s, '8.1f')} {f(r.tflops, '8.3f')} {f(None if r.mfu is None else 100 * r.mfu, '6.1f')} "
+            f"{f(r.peak_gib, '8.2f')}" if r.error is None else f"{r.error:>32}")
+    return (f"{r.model:<10} {r.label:<12} {r.micro:>5} {'on' if r.compile else 'off':>7} "
+            f"{'on' if r.checkpointing else 'off':>4} {tail} {f(r.estimate_gib, '8.2f')}")
+
+
+def footer(results: list[Result]) -> str:
+    measured = next((r for r in results if r.peak_source), results[0] if results else None)
+    if measured is None:
+        return ""
+    return (f"per rank; {measured.world} rank(s) of {measured.device}; MFU against "
+            f"{measured.peak_source or 'no known peak'}; synthetic batches, one micro-batch per optimizer step; "
+            "peak: allocator high-water mark; est.: launch/estimate.py's states + activations")
+
+
+def table(results: list[Result]) -> str:
+    return "\n".join([header(), *map(row, results), footer(results)])
 
 
 def write_json(path: str | Path, results: list[Result], recipe_path: str) -> None:

@@ -424,8 +424,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- what a phase's result depends on
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
-_INERT = {"run.out_dir", "run.name", "run.peak_tflops", "data.num_workers", "data.eval_batch_size", "data.train_shards",
-          "data.val_shards", "data.max_bad_fraction"}
+_INERT = {"run.out_dir", "run.name", "run.peak_tflops", "data.num_workers", "data.eval_batch_size",
+          "data.train_shards", "data.val_shards", "data.max_bad_fraction"}
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
                 "groups",  # how incubation is farmed out does not change a module's result
                 "init_from"}  # where the init shard set lies; its content counts (init_from_sha256)
