@@ -194,9 +194,9 @@ class Recommendation:
 def recommend(models: list[PhaseModel], precision: str, memory: int) -> Recommendation:
     """Checkpointing only when without it some phase would run micro-batches under ``MIN_MICRO`` (below its
     share): re-computing the forward costs ~1/3 more FLOPs, accumulating costs next to nothing. ZeRO: the
-    lowest stage from 1 (stage 1 partitions the optimizer states for the traffic of a plain all-reduce;
-    stage 2 reduce-scatters at every micro-step under accumulation; stage 3 adds a parameter all-gather)
-    at which no phase gets a smaller micro-batch than at stage 3."""
+    lowest stage from 1 (from 0 when every phase runs on one rank) at which no phase gets a smaller micro-batch
+    than at stage 3: stage 1 partitions the optimizer states for the traffic of a plain all-reduce; stage 2
+    reduce-scatters at every micro-step under accumulation; stage 3 adds a parameter all-gather."""
     def micros(stage, ckpt):
         out = {}
         for pm in models:
@@ -209,8 +209,12 @@ def recommend(models: list[PhaseModel], precision: str, memory: int) -> Recommen
     if min(best.values()) < 1:
         raise UserError("not even one image per micro-batch fits at ZeRO-3 with activation checkpointing: "
                         "use more GPUs, or GPUs with more memory")
-    stage = next(s for s in (1, 2, 3) if micros(s, ckpt) == best)
-    return Recommendation(stage, ckpt, best)
+    first = 0 if all(pm.ranks == 1 for pm in models) else 1  # one rank: nothing to partition
+    for stage in range(first, 4):
+        got = micros(stage, ckpt)
+        if all(got[s] >= best[s] for s in best):
+            return Recommendation(stage, ckpt, got)
+    raise AssertionError("stage 3 itself qualifies")
 
 
 # ---------------------------------------------------------------- cost
@@ -263,7 +267,7 @@ def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: 
     rec = recommend(models, precision, g.memory_bytes)
     kind = perf.matmul_precision(precision)
     peak = getattr(g, kind)
-    lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.0f} M parameters), "
+    lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.3g} M parameters), "
              f"{precision}, "
              f"ZeRO-{stage}, checkpointing {'on' if ckpt else 'off'}; on {gpus} x {g.key} "
              f"({g.memory_mib / 1024:.0f} GiB, plan within {CAPACITY:.0%} = {_gib(CAPACITY * g.memory_bytes)} GiB; "

@@ -81,6 +81,8 @@ def test_recommendation_policy(tiny):
     pms, act, cap = [pm], pm.trace.activation_bytes_per_image, estimate.CAPACITY
     assert pm.share == 32
     assert estimate.recommend(pms, "fp32", 2**40) == estimate.Recommendation(1, False, {"e2e": 32})
+    one = estimate.phase_model(recipe, "e2e", None, 1)  # a single GPU: nothing to partition
+    assert estimate.recommend([one], "fp32", 2**40) == estimate.Recommendation(0, False, {"e2e": 64})
     # room for 20 images without checkpointing (under MIN_MICRO) but for the whole share with it: checkpointing
     mem = int((pm.states(3, "fp32").total + 20.5 * act(False)) / cap)
     assert mem * cap > pm.states(1, "fp32").total + 32 * act(True)
