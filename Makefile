@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast bench-data bench-farm shards clean
+.PHONY: setup data demo test test-fast bench-data bench-farm bench-step gpu-bundle gpu-check-dry shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -58,6 +58,32 @@ shards: setup
 bench-farm: setup data
 	$(BIN)/python benchmarks/bench_farm.py --groups 2 --ranks-per-group 1
 	$(BIN)/python benchmarks/bench_farm.py --groups 2 --ranks-per-group 2
+
+# CPU, one run: our loop vs a bare PyTorch loop, module-0 incubation vs the paper's step, hybrids vs the target
+bench-step: setup
+	$(BIN)/python benchmarks/bench_step.py
+
+# What benchmarks/gpu_check.sh needs on a GPU machine with Python $(GPU_PY) and torch but no network: the wheels of
+# DeepSpeed and of its requirements (this venv's versions; x86_64 and aarch64), and Fashion-MNIST. ~40 MB.
+GPU_BUNDLE ?= build/gpu-bundle
+GPU_PY ?= 3.12
+GPU_DEPS := einops hjson msgpack ninja psutil py.cpuinfo pydantic pydantic.core annotated.types typing.inspection \
+            typing.extensions packaging tqdm pyyaml safetensors
+gpu-bundle: setup data
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels $(GPU_BUNDLE)/fashion-mnist
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -c constraints.txt deepspeed -w $(GPU_BUNDLE)/wheels
+	pins="$$($(BIN)/pip freeze | grep -iE '^($(shell echo $(GPU_DEPS) | sed 's/\./[-_.]/g; s/ /|/g'))==')"; \
+	for arch in x86_64 aarch64; do \
+	  $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	    --abi cp$(subst .,,$(GPU_PY)) --abi abi3 --abi none --platform manylinux2014_$$arch --platform manylinux_2_17_$$arch \
+	    --platform manylinux_2_28_$$arch --platform any -d $(GPU_BUNDLE)/wheels $$pins || exit 1; \
+	done
+	cp $(FMNIST)/*-ubyte.gz $(GPU_BUNDLE)/fashion-mnist/
+	du -sh $(GPU_BUNDLE)
+
+# the GPU check's steps on this CPU at toy sizes (what tests/test_gpu_check.py runs)
+gpu-check-dry: setup data
+	bash benchmarks/gpu_check.sh --dry-run --out runs/gpu-check-dry
 
 clean:
 	rm -rf runs .pytest_cache

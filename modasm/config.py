@@ -30,6 +30,8 @@ class RunConfig:
     name: str = _f("run", "Run name; every output lives under <out_dir>/<name>/<phase>/.")
     out_dir: str = _f("runs", "Root directory of all runs (relative to the working directory).")
     seed: int = _f(0, "Seed for initialisation, data order and augmentation.")
+    peak_tflops: float = _f(0.0, "Peak TFLOP/s per device that MFU (perf/mfu) is measured against; 0: the datasheet "
+                            "table of modasm.perf by GPU name and training precision (on CPU: a matmul probe).")
 
 
 @dataclass
@@ -426,8 +428,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- what a phase's result depends on
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
-_INERT = {"run.out_dir", "run.name", "data.num_workers", "data.worker_start", "data.eval_batch_size", "data.train_shards",
-          "data.val_shards", "data.max_bad_fraction"}
+_INERT = {"run.out_dir", "run.name", "run.peak_tflops", "data.num_workers", "data.worker_start", "data.eval_batch_size",
+          "data.train_shards", "data.val_shards", "data.max_bad_fraction"}
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
                 "groups",  # how incubation is farmed out does not change a module's result
                 "init_from"}  # where the init shard set lies; its content counts (init_from_sha256)

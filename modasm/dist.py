@@ -51,8 +51,8 @@ def init() -> DistInfo:
     if lone:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    if torch.cuda.is_available():  # more ranks than GPUs on a node (a farm on one GPU) share them round robin
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -88,7 +88,11 @@ def split_world(info: DistInfo, groups: int) -> DistInfo:
     size = info.world // groups
     g, rank = divmod(info.rank, size)
     store = dist.distributed_c10d._get_default_store()
-    dist.barrier()  # every rank has the store before the world group goes away
+    # every rank has the store before the world group goes away: a barrier on the store itself, not an NCCL
+    # collective (ranks sharing a GPU, e.g. a farm on one GPU, cannot form an NCCL communicator together)
+    if store.add("modasm/split-world", 1) == info.world:  # the last to arrive lets everyone go
+        store.set("modasm/split-world-go", "1")
+    store.wait(["modasm/split-world-go"])
     backend = dist.get_backend()
     dist.destroy_process_group()
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"modasm/module-group-{g}", store),

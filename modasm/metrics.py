@@ -184,7 +184,8 @@ def _netrc_has_wandb() -> bool:
 
 
 _WANDB_KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "img_per_s": "train/img_per_s",
-                         "grad_norm": "train/grad_norm", "bad_samples": "data/bad_samples"},
+                         "grad_norm": "train/grad_norm", "bad_samples": "data/bad_samples",
+                         "tflops": "perf/tflops", "mfu": "perf/mfu"},
                "eval": {"top1": "eval/top1", "top5": "eval/top5", "eval_loss": "eval/loss",
                         "eval_bad_samples": "data/eval_bad_samples"}}
 _COST_KEYS = {"device_hours": "cost/device_hours", "pipeline_device_hours": "cost/pipeline_device_hours",

@@ -70,7 +70,7 @@ def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> 
                eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section),
                base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out),
                aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction,
-               speed=recipe.speed)
+               speed=recipe.speed, peak_tflops=recipe.run.peak_tflops)
 
 
 def load_meta(recipe: Recipe) -> dict[int, dict[str, torch.Tensor]]:

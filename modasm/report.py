@@ -34,6 +34,12 @@ def _name(label: str) -> str:
     return NAMES[label]
 
 
+def _median_mfu(records: list[dict]) -> float | None:
+    """Median MFU of a phase's training log lines (each: model FLOP/s per rank over the device's peak)."""
+    mfu = sorted(r["mfu"] for r in records if r.get("kind") == "train" and r.get("mfu") is not None)
+    return mfu[len(mfu) // 2] if mfu else None
+
+
 def collect(run_dir: str | Path) -> list[dict]:
     """Table rows in pipeline order; a phase not finished yet shows as empty."""
     rows, spent = [], 0.0
@@ -47,7 +53,8 @@ def collect(run_dir: str | Path) -> list[dict]:
             spent += hours or 0.0
             cumulative = spent if manifest else None
         rows.append({"label": label, "model": _name(label), "top1": m.get("top1"), "top5": m.get("top5"),
-                     "device_hours": hours, "cumulative": cumulative, "world": m.get("world")})
+                     "device_hours": hours, "cumulative": cumulative, "world": m.get("world"),
+                     "mfu": _median_mfu(read_jsonl(d / "metrics.jsonl")) if manifest else None})
     return rows
 
 
@@ -55,22 +62,27 @@ def _f(v, spec):
     return "—" if v is None else format(v, spec)
 
 
+def _pct(v, spec):
+    return _f(None if v is None else 100 * v, spec)
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<30} {'top-1 %':>8} {'top-5 %':>8} {'device-h':>9} {'cumul. device-h':>16}"
+    head = f"{'model':<30} {'top-1 %':>8} {'top-5 %':>8} {'device-h':>9} {'cumul. device-h':>16} {'MFU %':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<30} {_f(r['top1'], '8.2f')} {_f(r['top5'], '8.2f')} "
-                     f"{_f(r['device_hours'], '9.4f')} {_f(r['cumulative'], '16.4f')}")
+                     f"{_f(r['device_hours'], '9.4f')} {_f(r['cumulative'], '16.4f')} {_pct(r.get('mfu'), '6.1f')}")
     lines.append("cumul. device-h: device time of the pipeline up to that row (meta + incubations + "
-                 "fine-tune); E2E counts alone.")
+                 "fine-tune); E2E counts alone. MFU: median over the phase's training log lines.")
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | top-1 % | top-5 % | device-hours | cumulative device-hours |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | top-1 % | top-5 % | device-hours | cumulative device-hours | MFU % |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {_f(r['top1'], '.2f')} | {_f(r['top5'], '.2f')} | "
-                     f"{_f(r['device_hours'], '.4f')} | {_f(r['cumulative'], '.4f')} |")
+                     f"{_f(r['device_hours'], '.4f')} | {_f(r['cumulative'], '.4f')} | {_pct(r.get('mfu'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -156,7 +168,8 @@ def write_report(run_dir: str | Path) -> Path:
     plots = plot(run_dir, out)
     text = [f"# Report: {run_dir.name}", "", markdown_table(rows), "",
             "Cumulative device-hours: device time (wall time x ranks) of the pipeline up to that row "
-            "(meta + incubations + fine-tune); the E2E baseline counts alone.", ""]
+            "(meta + incubations + fine-tune); the E2E baseline counts alone. MFU: model FLOP/s per device over its "
+            "peak (modasm/perf.py), median over the phase's training log lines.", ""]
     captions = {
         "accuracy_vs_cost.png": "Accuracy vs cost. Each point is an evaluation, placed at the device-hours the "
         "whole pipeline had spent by then. The assembled curve starts where meta + all incubations ended "

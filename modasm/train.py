@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from . import engine as ds
-from . import seeds, speed
+from . import perf, seeds, speed
 from .config import AugConfig, DeepSpeedConfig, PhaseConfig, SpeedConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
 from .data import Bad, Batch, SeededMixup, eval_loader, train_loader
@@ -79,6 +79,7 @@ class Job:
     num_classes: int = 0             # of the soft targets (mixup)
     max_bad_fraction: float = 0.001  # stop when more of the samples read were unreadable
     speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)  # fast paths (compile, checkpointing)
+    peak_tflops: float = 0.0         # the device peak MFU is measured against (0: modasm.perf's table or probe)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -224,12 +225,14 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
         if universal := ds.needs_universal(job.ckpt_dir, newest[0], newest[1], info.world):
             ds.to_universal(job.ckpt_dir, newest[0], info)
+    # model FLOPs per image, counted on a meta copy before the fast paths (no data, RNG or weight touched)
+    meter = perf.Meter.for_model(job.model, info.device, job.ds.precision, job.peak_tflops)
     speed.prepare_model(job.model, job.speed, info.device)
     eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device),
                                  universal)
     log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
     try:
-        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest, universal)
+        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info, meter).run(newest, universal)
     finally:
         log.close()
 
@@ -238,8 +241,8 @@ class _Run:
     """One run of a phase's loop, from a fresh start or a checkpoint to its end or a stop request."""
 
     def __init__(self, job: Job, plan: ds.Plan, eng, sched: ds.Schedule, train_ds, loader, val, log: MetricsLog,
-                 info: DistInfo):
-        self.job, self.cfg, self.plan, self.eng, self.sched = job, job.cfg, plan, eng, sched
+                 info: DistInfo, meter: perf.Meter):
+        self.job, self.cfg, self.plan, self.eng, self.sched, self.meter = job, job.cfg, plan, eng, sched, meter
         self.train_ds, self.loader, self.val, self.log, self.info = train_ds, loader, val, log, info
         self.mixup = SeededMixup(job.aug, job.cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
         self.dtype = ds.input_dtype(eng)
@@ -264,7 +267,8 @@ class _Run:
             log.say(f"plan: {plan.describe(self.cfg.batch_size)}")
             log.write("start", total_steps=plan.total, steps_per_epoch=plan.steps_per_epoch, world=info.world,
                       micro_batch=plan.micro, accum_steps=plan.accum, batch_size=self.cfg.batch_size,
-                      base_hours=job.base_hours,
+                      base_hours=job.base_hours, flops_per_image=self.meter.flops_per_image,
+                      peak_tflops=self.meter.peak.tflops, peak_source=self.meter.peak.source,
                       trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                       total_params=sum(p.numel() for p in job.model.parameters()))
         self.clock = CostClock(info.world, self.state.wall_seconds, self.state.device_seconds, job.base_hours)
@@ -353,10 +357,13 @@ class _Run:
         self.clock.tick()
         rate, eta = log.rate_eta()
         gn = pre_norm if pre_norm is not None else self.eng.get_global_grad_norm()
+        perf_fields = self.meter.fields(rate / self.info.world)  # model TFLOP/s and MFU per rank
         log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
-                  grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **self.clock.fields())
+                  grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **perf_fields,
+                  **self.clock.fields())
+        mfu = "" if perf_fields["mfu"] is None else f" MFU {100 * perf_fields['mfu']:.1f}%"
         log.show(f"ep {epoch + 1}/{self.cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} lr {lr:.2e} "
-                 f"{rate:.0f} img/s ETA {eta}")
+                 f"{rate:.0f} img/s{mfu} ETA {eta}")
 
     # -- evaluation, checkpoints, the end
 

@@ -57,9 +57,8 @@ def test_recipe_models_match_timm(recipe, timm_name):
         assert timm_count(timm_name, with_bias) - count(target) == 32 * 3 * 1280  # today's timm default
 
 
-@pytest.mark.parametrize("recipe,fine_tune_drop_path,zero_stage",
-                         [("vit-b16", 0.1, 1), ("vit-l16", 0.5, 2), ("vit-h14", 0.6, 2)])
-def test_recipe_phases_follow_the_paper(recipe, fine_tune_drop_path, zero_stage):
+@pytest.mark.parametrize("recipe,fine_tune_drop_path", [("vit-b16", 0.1), ("vit-l16", 0.5), ("vit-h14", 0.6)])
+def test_recipe_phases_follow_the_paper(recipe, fine_tune_drop_path):
     """LeapLabTHU/Deep-Incubation TRAINING.md + main.py defaults (E2E: the fine-tune's drop path, our choice)."""
     r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
     # (epochs, warm-up, clip, drop path) per phase; PT --drop-path 0, MT --drop-path 0.1, FT no warm-up, clip 1
@@ -69,7 +68,7 @@ def test_recipe_phases_follow_the_paper(recipe, fine_tune_drop_path, zero_stage)
         p = getattr(r, phase)
         assert (p.epochs, p.warmup_epochs, p.clip_grad, p.drop_path) == (epochs, warmup, clip, dp), phase
         assert (p.batch_size, p.lr, p.min_lr, p.weight_decay, p.label_smoothing) == (2048, 5e-4, 1e-5, 0.05, 0.1), phase
-    assert (r.deepspeed.zero_stage, r.deepspeed.precision) == (zero_stage, "bf16")
+    assert r.deepspeed.precision == "bf16"  # ZeRO stage and micro-batches: launch/estimate.py's (test_estimate.py)
     assert r.data.source != "fashion-mnist", "an ImageNet recipe must not fall back to the demo dataset"
     assert (r.model.img_size, r.model.in_chans, r.model.num_classes, sum(r.model.split)) == \
         (224, 3, 1000, {"vit-b16": 12, "vit-l16": 24, "vit-h14": 32}[recipe])

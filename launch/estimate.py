@@ -1,0 +1,32 @@
+"""Before a long run: memory per rank, the micro-batch that fits, and the pipeline's device-hours.
+
+    python launch/estimate.py RECIPE [--gpu h100-80gb] [--gpus 32] [--mfu 0.4 | --measured bench.json]
+Without --gpu/--gpus: the hardware the recipe's header names ("# Sized for: 32 x A100-80GB").
+Nothing runs on a GPU: models are traced on the meta device. See modasm/estimate.py.
+"""
+from modasm import cli, estimate, perf
+from modasm.errors import UserError
+
+
+def add(p):
+    p.add_argument("--gpu", help=f"one of: {', '.join(g.key for g in perf.GPUS)}")
+    p.add_argument("--gpus", type=int, help="GPUs the pipeline gets (incubation: split into module groups)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the cost projection (default 0.4)")
+    p.add_argument("--measured", help="launch/bench.py --json results: per-phase MFU measured on a GPU")
+    p.add_argument("--budget", type=float, help="device-hours the assembled pipeline may take: the MFU it needs")
+    p.add_argument("--train-images", type=int, default=estimate.IMAGENET_TRAIN, help="per epoch (ImageNet-1K)")
+
+
+def run():
+    header = estimate.sized_for(args.recipe)
+    if (args.gpu is None or args.gpus is None) and header is None:
+        raise UserError(f"{args.recipe} names no hardware ('# Sized for: N x GPU'): pass --gpu and --gpus")
+    gpus, gpu = args.gpus or header[0], args.gpu or header[1]
+    text, _ = estimate.report(recipe, gpu, gpus, args.mfu, args.measured, args.train_images,
+                               budget=args.budget)
+    print(text)
+
+
+if __name__ == "__main__":
+    args, recipe = cli.parse(__doc__, add)
+    cli.main(run)

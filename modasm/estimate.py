@@ -1,0 +1,335 @@
+"""Before a long run: memory per rank, the micro-batch that fits, and what the whole pipeline will cost.
+
+For every phase of a recipe on ``gpus`` x ``gpu``:
+- model states per rank (parameters, gradients, optimizer) for the recipe's ZeRO stage and precision:
+  DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs``, which stages 1 and 2 share, and
+  ``estimate_zero3_model_states_mem_needs``) for the trainable parameters, plus what they leave out: the
+  frozen parameters of a hybrid, and the full 16-bit gradients stage 1 keeps. Stage 0 and fp32 have no
+  DeepSpeed estimator; they are counted by hand (the components are printed either way);
+- activations per image, traced on the meta device (``perf.trace_step``: what autograd saves for the
+  backward, plus one block's backward transient), with and without activation checkpointing;
+- the largest micro-batch that fits in 90 % of the device (the rest: CUDA context, DeepSpeed's
+  communication buckets, allocator fragmentation; ``benchmarks/gpu_check.sh`` measures the real peak);
+- device-hours per phase and for the pipeline: training FLOPs per image (counted, ``perf``) x images
+  (+ the evaluations' forward passes) / (peak x MFU), at an MFU that is assumed (and says so) or measured
+  by ``launch/bench.py``.
+
+``recommend`` turns the memory plan into the recipe's settings (``<phase>.micro_batch``,
+``deepspeed.zero_stage``, ``speed.checkpointing``); the shipped ImageNet recipes carry its answer for the
+hardware their header names (tests/test_estimate.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import dist, engine, perf, phases
+from .config import Recipe
+from .errors import UserError
+
+CAPACITY = 0.9            # of the device's memory a plan may fill
+MIN_MICRO = 32            # below this a GPU idles between kernels; checkpointing is worth its re-computation
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+GiB = 2**30
+# The paper's training cost of ViT-H/14 as the issue quotes it (A100-hours; its code: fp32, ~22 img/s per A100)
+PAPER = {"ViT-H/14": {"assembled": 2720.0, "e2e": 4790.0, "gpu": "a100-80gb"}}
+
+
+def model_name(recipe: Recipe) -> str:
+    m = recipe.model
+    size = {768: "B", 1024: "L", 1280: "H"}.get(m.embed_dim, f"{m.embed_dim}w")
+    return f"ViT-{size}/{m.patch_size}"
+
+
+def sized_for(recipe_path: str | Path) -> tuple[int, str] | None:
+    """(GPUs, GPU key) from a recipe header line ``# Sized for: 32 x A100-80GB ...``."""
+    m = re.search(r"^#\s*Sized for:\s*(\d+)\s*x\s*([A-Za-z0-9-]+)", Path(recipe_path).read_text(), re.M)
+    return (int(m.group(1)), m.group(2).lower()) if m else None
+
+
+# ---------------------------------------------------------------- model states
+
+
+@dataclass(frozen=True)
+class States:
+    """Bytes per rank of parameters, gradients and optimizer states, and where the figure comes from."""
+    params: int
+    grads: int
+    optimizer: int
+    how: str
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(total: int, trainable: int, largest: int, stage: int, precision: str, ranks: int) -> States:
+    """Per rank, for ``total`` parameters of which ``trainable`` train (AdamW), on ``ranks`` data-parallel
+    ranks. bf16: DeepSpeed keeps 16-bit weights and fp32 master weights, gradients and Adam moments."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    T, t, f, N = total, trainable, total - trainable, ranks
+    if precision == "bf16":
+        if stage == 0:  # DeepSpeed's BF16_Optimizer: full fp32 gradient buffer, master + moments partitioned
+            return States(2 * T, 2 * t + 4 * t, 12 * t // N, "hand count (DeepSpeed BF16_Optimizer, no estimator)")
+        if stage in (1, 2):
+            ds = estimate_zero2_model_states_mem_needs(t, num_gpus_per_node=N, cpu_offload=False)[1]
+            full_grads = 2 * t - 2 * t // N if stage == 1 else 0  # stage 1 keeps every 16-bit gradient
+            s = States(2 * T, 2 * t // N + 4 * t // N + full_grads, 12 * t // N,
+                       f"DeepSpeed estimate_zero2 ({ds / GiB:.2f} GiB) + frozen weights"
+                       + (" + stage 1's full 16-bit gradients" if stage == 1 else ""))
+            assert abs(s.total - (ds + 2 * f + full_grads)) <= 8, (s, ds)  # our split adds up to DeepSpeed's total
+            return s
+        ds = estimate_zero3_model_states_mem_needs(t, largest, num_gpus_per_node=N, cpu_offload=False,
+                                                   cpu_offload_params=False)[1]
+        s = States(2 * T // N + 4 * largest, 4 * t // N, 12 * t // N,
+                   f"DeepSpeed estimate_zero3 ({ds / GiB:.2f} GiB) + frozen weights")
+        assert abs(s.total - (ds + 2 * f // N)) <= 8, (s, ds)
+        return s
+    how = "hand count (fp32: DeepSpeed's estimators assume 16-bit weights)"
+    if stage == 0:
+        return States(4 * T, 4 * t, 8 * t, how)
+    if stage == 1:
+        return States(4 * T, 4 * t, 12 * t // N, how)
+    if stage == 2:
+        return States(4 * T, 4 * t // N, 12 * t // N, how)
+    return States(4 * T // N + 4 * largest, 4 * t // N, 12 * t // N, how)
+
+
+# ---------------------------------------------------------------- the phases of a recipe
+
+
+@dataclass
+class PhaseModel:
+    label: str          # meta, incubate[k], assemble, e2e
+    section: str
+    k: int | None
+    ranks: int          # data-parallel ranks it trains on
+    share: int          # images per rank per optimizer step
+    params: int
+    trainable: int
+    largest: int        # parameters of the largest layer (ZeRO-3 gathers one at a time)
+    trace: perf.StepTrace
+
+    def states(self, stage: int, precision: str) -> States:
+        return model_states(self.params, self.trainable, self.largest, stage, precision, self.ranks)
+
+    def act(self, micro: int, checkpointing: bool) -> float:
+        return micro * self.trace.activation_bytes_per_image(checkpointing)
+
+
+def sections(recipe: Recipe) -> list[str]:
+    """The phases a recipe runs: all four, or only the fine-tunes that start from another run's target."""
+    if recipe.assemble.init_from:
+        return ["assemble"] + (["e2e"] if recipe.e2e.init_from else [])
+    return ["meta", "incubate", "assemble", "e2e"]
+
+
+def incubation_groups(recipe: Recipe, gpus: int) -> int:
+    G = recipe.incubate.groups or dist.default_groups(recipe.model.K, gpus)
+    if gpus % G or G > recipe.model.K:
+        raise UserError(f"incubate.groups={G} does not split {gpus} GPUs into groups of equal size (or exceeds "
+                        f"K={recipe.model.K})")
+    return G
+
+
+def phase_model(recipe: Recipe, section: str, k: int | None, ranks: int) -> PhaseModel:
+    spec, cfg = phases.PHASES[section], getattr(recipe, section)
+    if cfg.batch_size % ranks:
+        raise UserError(f"{section}.batch_size={cfg.batch_size} does not split over {ranks} ranks")
+    with torch.device("meta"):
+        model = spec.build(recipe, k, None)
+    dtype = torch.bfloat16 if recipe.deepspeed.precision == "bf16" else torch.float32
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return PhaseModel(phases.label(section, k), section, k, ranks, cfg.batch_size // ranks,
+                      sum(p.numel() for p in model.parameters()),
+                      sum(p.numel() for p in model.parameters() if p.requires_grad), largest,
+                      perf.trace_step(model, dtype=dtype))
+
+
+def phase_models(recipe: Recipe, gpus: int) -> list[PhaseModel]:
+    out = []
+    for section in sections(recipe):
+        if section == "incubate":
+            ranks = gpus // incubation_groups(recipe, gpus)
+            out += [phase_model(recipe, section, k, ranks) for k in range(recipe.model.K)]
+        else:
+            out.append(phase_model(recipe, section, None, gpus))
+    return out
+
+
+# ---------------------------------------------------------------- what fits, and the recommendation
+
+
+def largest_micro(pm: PhaseModel, stage: int, precision: str, checkpointing: bool, memory: int) -> int:
+    room = CAPACITY * memory - pm.states(stage, precision).total
+    return max(0, int(room // pm.trace.activation_bytes_per_image(checkpointing)))
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
+def micro_for(pm: PhaseModel, stage: int, precision: str, checkpointing: bool, memory: int) -> int:
+    """The per-rank share if it fits (no accumulation), else the largest power of two that does (0: none)."""
+    fit = largest_micro(pm, stage, precision, checkpointing, memory)
+    return pm.share if fit >= pm.share else pow2_floor(fit)
+
+
+@dataclass
+class Recommendation:
+    zero_stage: int
+    checkpointing: bool
+    micro: dict          # section -> micro_batch (incubation: the smallest over its modules)
+
+    def overrides(self) -> list[str]:
+        return ([f"deepspeed.zero_stage={self.zero_stage}", f"speed.checkpointing={str(self.checkpointing).lower()}"]
+                + [f"{s}.micro_batch={m}" for s, m in self.micro.items()])
+
+
+def recommend(models: list[PhaseModel], precision: str, memory: int) -> Recommendation:
+    """Checkpointing only when without it some phase would run micro-batches under ``MIN_MICRO`` (below its
+    share): re-computing the forward costs ~1/3 more FLOPs, accumulating costs next to nothing. ZeRO: the
+    lowest stage from 1 (from 0 when every phase runs on one rank) at which no phase gets a smaller micro-batch
+    than at stage 3: stage 1 partitions the optimizer states for the traffic of a plain all-reduce; stage 2
+    reduce-scatters at every micro-step under accumulation; stage 3 adds a parameter all-gather."""
+    def micros(stage, ckpt):
+        out = {}
+        for pm in models:
+            m = micro_for(pm, stage, precision, ckpt, memory)
+            out[pm.section] = min(out.get(pm.section, m), m)
+        return out
+
+    ckpt = any(micro_for(pm, 3, precision, False, memory) < min(pm.share, MIN_MICRO) for pm in models)
+    best = micros(3, ckpt)
+    if min(best.values()) < 1:
+        raise UserError("not even one image per micro-batch fits at ZeRO-3 with activation checkpointing: "
+                        "use more GPUs, or GPUs with more memory")
+    first = 0 if all(pm.ranks == 1 for pm in models) else 1  # one rank: nothing to partition
+    for stage in range(first, 4):
+        got = micros(stage, ckpt)
+        if all(got[s] >= best[s] for s in best):
+            return Recommendation(stage, ckpt, got)
+    raise AssertionError("stage 3 itself qualifies")
+
+
+# ---------------------------------------------------------------- cost
+
+
+@dataclass
+class Cost:
+    label: str
+    flops_per_image: float   # training step
+    images: int
+    eval_flops: float
+    device_hours: float
+
+    @property
+    def flops(self) -> float:
+        return self.flops_per_image * self.images + self.eval_flops
+
+
+def cost(recipe: Recipe, pm: PhaseModel, peak_tflops: float, mfu: float, n_train: int, n_val: int) -> Cost:
+    cfg = getattr(recipe, pm.section)
+    evals = cfg.epochs // cfg.eval_every_epochs + (1 if cfg.epochs % cfg.eval_every_epochs else 0)
+    images = cfg.epochs * int(n_train * recipe.data.fraction)
+    eval_flops = evals * n_val * pm.trace.forward_flops_per_image
+    flops = pm.trace.flops_per_image * images + eval_flops
+    return Cost(pm.label, pm.trace.flops_per_image, images, eval_flops, flops / (peak_tflops * 1e12 * mfu) / 3600)
+
+
+def measured_mfu(path: str | Path) -> dict:
+    """{(phase, k): mfu} from ``launch/bench.py --json`` results (the first measured row of each)."""
+    out = {}
+    for r in json.loads(Path(path).read_text())["results"]:
+        if r.get("mfu") is not None:
+            out.setdefault((r["phase"], r["k"]), r["mfu"])
+    return out
+
+
+# ---------------------------------------------------------------- the printed plan
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.1f}"
+
+
+def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: str | None = None,
+           n_train: int = IMAGENET_TRAIN, n_val: int = IMAGENET_VAL,
+           budget: float | None = None) -> tuple[str, Recommendation]:
+    g = perf.gpu(gpu_key)
+    precision, stage, ckpt = recipe.deepspeed.precision, recipe.deepspeed.zero_stage, recipe.speed.checkpointing
+    models = phase_models(recipe, gpus)
+    rec = recommend(models, precision, g.memory_bytes)
+    kind = perf.matmul_precision(precision)
+    peak = getattr(g, kind)
+    lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.3g} M parameters), "
+             f"{precision}, "
+             f"ZeRO-{stage}, checkpointing {'on' if ckpt else 'off'}; on {gpus} x {g.key} "
+             f"({g.memory_mib / 1024:.0f} GiB, plan within {CAPACITY:.0%} = {_gib(CAPACITY * g.memory_bytes)} GiB; "
+             f"peak {peak:g} {kind} TFLOP/s)", "",
+             "Memory per rank (GiB) at the recipe's ZeRO stage; activations traced on the meta device:",
+             f"{'phase':<12} {'ranks':>5} {'share':>5} {'params':>7} {'grads':>6} {'optim':>6} {'act/img':>8} "
+             f"{'ckpt':>6} {'micro':>5} {'need':>6} {'fits':>4} {'max micro':>9} {'ckpt':>5}"]
+    for pm in models:
+        st = pm.states(stage, precision)
+        cfg = getattr(recipe, pm.section)
+        micro = engine.accumulation(cfg, pm.ranks, pm.section)[0]
+        need = st.total + pm.act(micro, ckpt)
+        lines.append(f"{pm.label:<12} {pm.ranks:>5} {pm.share:>5} {_gib(st.params):>7} {_gib(st.grads):>6} "
+                     f"{_gib(st.optimizer):>6} {pm.trace.activation_bytes_per_image(False) / 2**20:>6.0f}Mi "
+                     f"{pm.trace.activation_bytes_per_image(True) / 2**20:>4.0f}Mi {micro:>5} {_gib(need):>6} "
+                     f"{'yes' if need <= CAPACITY * g.memory_bytes else 'NO':>4} "
+                     f"{largest_micro(pm, stage, precision, False, g.memory_bytes):>9} "
+                     f"{largest_micro(pm, stage, precision, True, g.memory_bytes):>5}")
+    lines += [f"model states: {models[0].states(stage, precision).how}",
+              "share: images per rank per optimizer step (batch_size / ranks); micro: the recipe's; need: states + "
+              "activations at that micro-batch; max micro: without / with checkpointing", "",
+              f"Recommended for {gpus} x {g.key}: " + " ".join(rec.overrides()),
+              f"  (the recipe has: deepspeed.zero_stage={stage} speed.checkpointing={str(ckpt).lower()} "
+              + " ".join(f"{s}.micro_batch={getattr(recipe, s).micro_batch}" for s in rec.micro) + ")", ""]
+    lines += _cost_lines(recipe, models, gpus, g, peak, kind, mfu, measured, n_train, n_val, budget)
+    return "\n".join(lines), rec
+
+
+def _cost_lines(recipe, models, gpus, g, peak, kind, mfu, measured, n_train, n_val, budget) -> list[str]:
+    got = measured_mfu(measured) if measured else {}
+    inc = [v for (p, _), v in got.items() if p == "incubate"]
+
+    def mfu_of(pm):
+        if not got:
+            return mfu
+        return got.get((pm.section, pm.k), sum(inc) / len(inc) if pm.section == "incubate" and inc else mfu)
+
+    label = f"measured ({measured}; {mfu:.0%} assumed where not measured)" if got else f"{mfu:.0%} (assumed)"
+    costs = [cost(recipe, pm, peak, mfu_of(pm), n_train, n_val) for pm in models]
+    limit = [cost(recipe, pm, peak, 1.0, n_train, n_val) for pm in models]
+    lines = [f"Cost on {g.key} at MFU {label}; {n_train} training images an epoch, {n_val} per evaluation:",
+             f"{'phase':<12} {'GFLOP/img':>9} {'epochs':>6} {'PFLOP':>9} {'device-h':>9} {'at 100%':>8}"]
+    for pm, c, c1 in zip(models, costs, limit):
+        lines.append(f"{c.label:<12} {c.flops_per_image / 1e9:>9.1f} {getattr(recipe, pm.section).epochs:>6} "
+                     f"{c.flops / 1e15:>9.0f} {c.device_hours:>9.1f} {c1.device_hours:>8.1f}")
+    pipe = [i for i, pm in enumerate(models) if pm.section != "e2e"]
+    e2e = [i for i, pm in enumerate(models) if pm.section == "e2e"]
+    total, total1 = sum(costs[i].device_hours for i in pipe), sum(limit[i].device_hours for i in pipe)
+    lines.append(f"{'assembled pipeline' if 'meta' in sections(recipe) else 'fine-tune'}: {total:.0f} {g.key} "
+                 f"device-hours ({total / gpus:.1f} h wall on {gpus} GPUs if every phase keeps them busy; "
+                 f"{total1:.0f} device-hours at 100 % MFU)")
+    if budget:
+        verdict = "meets it" if total <= budget else "does not meet it"
+        lines.append(f"budget {budget:g} device-hours: the projection above {verdict}; it takes an MFU of at least "
+                     f"{total1 / budget:.1%} (every phase alike)")
+    if e2e:
+        lines.append(f"E2E baseline: {sum(costs[i].device_hours for i in e2e):.0f} device-hours "
+                     f"({sum(limit[i].device_hours for i in e2e):.0f} at 100 % MFU)")
+    paper = PAPER.get(model_name(recipe)) if "meta" in sections(recipe) else None
+    if paper:
+        ratio = getattr(perf.gpu(paper["gpu"]), kind) / peak
+        lines.append(f"paper ({model_name(recipe)}, A100): assembled {paper['assembled']:.0f} A100-hours, E2E "
+                     f"{paper['e2e']:.0f}; at the paper's efficiency on {g.key} (x {ratio:.3f}, the {kind} peak "
+                     f"ratio): {paper['assembled'] * ratio:.0f} and {paper['e2e'] * ratio:.0f} device-hours")
+    return lines

@@ -1,0 +1,110 @@
+"""launch/estimate.py: model-state bytes against a hand count, the recipes carry its recommendation."""
+import pytest
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from conftest import ROOT, launch
+from modasm import estimate, perf
+from modasm.config import load_recipe
+
+D = 1280
+# qkv (no bias), proj, fc1, fc2, 2 norms
+BLOCK = 3 * D * D + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D) + 4 * D
+FIRST = (3 * 14 * 14 * D + D) + D + 257 * D                                      # patch embed, cls token, pos embed
+LAST = 2 * D + D * 1000 + 1000                                                    # final norm, head
+VIT_H = 32 * BLOCK + FIRST + LAST
+
+
+@pytest.fixture(scope="module")
+def vit_h():
+    recipe = load_recipe(ROOT / "recipes" / "vit-h14.yaml")
+    return recipe, {pm.label: pm for pm in estimate.phase_models(recipe, 32)}
+
+
+def test_vit_h_parameter_and_optimizer_bytes(vit_h):
+    _, pms = vit_h
+    asm, inc0 = pms["assemble"], pms["incubate[0]"]
+    assert VIT_H == 631_922_920 and (asm.params, asm.trainable, asm.ranks, asm.share) == (VIT_H, VIT_H, 32, 64)
+    assert (inc0.params, inc0.trainable) == (11 * BLOCK + FIRST + LAST, 8 * BLOCK + FIRST) and inc0.ranks == 8
+    assert asm.largest == 4 * D * D + 4 * D  # one MLP linear
+    T, t, f = VIT_H, inc0.trainable, inc0.params - inc0.trainable
+    # ZeRO-2, bf16, 32 ranks: 16-bit weights everywhere; 16-bit + fp32 gradients, fp32 master + Adam moments sharded
+    s2 = asm.states(2, "bf16")
+    assert (s2.params, s2.grads, s2.optimizer) == (2 * T, 2 * T // 32 + 4 * T // 32, 12 * T // 32)
+    assert abs(s2.total - estimate_zero2_model_states_mem_needs(T, 32, cpu_offload=False)[1]) <= 8  # DeepSpeed's
+    assert 1.50 < s2.total / 2**30 < 1.51
+    # ZeRO-1 also keeps every 16-bit gradient
+    assert asm.states(1, "bf16").grads == 2 * T + 4 * T // 32
+    # ZeRO-3: the weights are sharded too, one layer gathered at a time (DeepSpeed's 4 bytes per parameter)
+    s3 = asm.states(3, "bf16")
+    assert (s3.params, s3.grads, s3.optimizer) == (2 * T // 32 + 4 * asm.largest, 4 * T // 32, 12 * T // 32)
+    # incubation of module 0 on 8 ranks: the frozen meta modules cost their 16-bit weights only
+    i1 = inc0.states(1, "bf16")
+    assert (i1.params, i1.grads, i1.optimizer) == (2 * (t + f), 2 * t + 4 * t // 8, 12 * t // 8)
+    # fp32 without ZeRO (the demo's setting): weights, gradients, two Adam moments
+    s0 = asm.states(0, "fp32")
+    assert (s0.params, s0.grads, s0.optimizer) == (4 * T, 4 * T, 8 * T)
+
+
+def test_vit_h_activations_and_fit(vit_h):
+    recipe, pms = vit_h
+    asm = pms["assemble"]
+    per_image = asm.trace.activation_bytes_per_image(False)
+    assert 300 * 2**20 < per_image < 360 * 2**20   # ~34 bytes x tokens x width per block, 32 blocks, bf16
+    assert asm.trace.activation_bytes_per_image(True) < per_image / 5
+    a100 = perf.gpu("a100-80gb")
+    fit = estimate.largest_micro(asm, 1, "bf16", False, a100.memory_bytes)
+    assert fit * per_image + asm.states(1, "bf16").total <= 0.9 * a100.memory_bytes
+    assert (fit + 1) * per_image + asm.states(1, "bf16").total > 0.9 * a100.memory_bytes
+    assert fit >= asm.share  # the recipe's 64 fits in 90 % of 80 GB
+
+
+RECIPES = ["vit-b16", "vit-l16", "vit-h14", "vit-b16-384", "vit-l16-384", "vit-h14-392"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_carry_the_recommendation(name):
+    """Each ImageNet recipe's micro-batches, ZeRO stage and checkpointing are what estimate recommends for the
+    hardware its header names."""
+    path = ROOT / "recipes" / f"{name}.yaml"
+    gpus, gpu = estimate.sized_for(path)
+    recipe = load_recipe(path)
+    rec = estimate.recommend(estimate.phase_models(recipe, gpus), recipe.deepspeed.precision,
+                             perf.gpu(gpu).memory_bytes)
+    assert {s: getattr(recipe, s).micro_batch for s in rec.micro} == rec.micro
+    assert (recipe.deepspeed.zero_stage, recipe.speed.checkpointing) == (rec.zero_stage, rec.checkpointing)
+    assert set(rec.micro) == set(estimate.sections(recipe))
+
+
+def test_recommendation_policy(tiny):
+    recipe = tiny("model.split=[2,2]")
+    pm = estimate.phase_model(recipe, "e2e", None, 2)  # 2 ranks: a share of 32 images each
+    pms, act, cap = [pm], pm.trace.activation_bytes_per_image, estimate.CAPACITY
+    assert pm.share == 32
+    assert estimate.recommend(pms, "fp32", 2**40) == estimate.Recommendation(1, False, {"e2e": 32})
+    one = estimate.phase_model(recipe, "e2e", None, 1)  # a single GPU: nothing to partition
+    assert estimate.recommend([one], "fp32", 2**40) == estimate.Recommendation(0, False, {"e2e": 64})
+    # room for 20 images without checkpointing (under MIN_MICRO) but for the whole share with it: checkpointing
+    mem = int((pm.states(3, "fp32").total + 20.5 * act(False)) / cap)
+    assert mem * cap > pm.states(1, "fp32").total + 32 * act(True)
+    assert estimate.recommend(pms, "fp32", mem) == estimate.Recommendation(1, True, {"e2e": 32})
+    # room for just the share at ZeRO-3 but not at ZeRO-1 (its unsharded gradients and optimizer states)
+    mem = int((pm.states(3, "fp32").total + 32 * act(False)) / cap) + 1
+    assert mem * cap < pm.states(1, "fp32").total + 32 * act(False)
+    rec = estimate.recommend(pms, "fp32", mem)
+    assert rec.zero_stage > 1 and rec.micro == {"e2e": 32} and not rec.checkpointing
+
+
+@pytest.mark.slow
+def test_estimate_cli():
+    res = launch("estimate.py", str(ROOT / "recipes" / "vit-h14.yaml"), "--gpu", "h100-80gb", "--gpus", "32",
+                 "--mfu", "0.5", "--budget", "200")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "on 32 x h100-80gb" in out and "MFU 50% (assumed)" in out
+    assert "Recommended for 32 x h100-80gb: deepspeed.zero_stage=1 speed.checkpointing=false" in out
+    assert "assembled 2720 A100-hours, E2E 4790" in out and "858 and 1510 device-hours" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("assembled pipeline:"))
+    assert "h100-80gb device-hours" in line and "94 device-hours at 100 % MFU" in line
+    assert "budget 200 device-hours: the projection above meets it; it takes an MFU of at least 47.2%" in out
+    bad = launch("estimate.py", str(ROOT / "recipes" / "vit-h14.yaml"), "--gpu", "v100")
+    assert bad.returncode == 2 and "unknown GPU 'v100'" in bad.stderr
