@@ -65,6 +65,7 @@ class ModelConfig:
 
 
 DATA_SOURCES = ("fashion-mnist", "imagefolder", "webdataset")
+DATA_BACKENDS = ("pil", "nvjpeg", "dali")
 
 
 @dataclass
@@ -89,6 +90,13 @@ class DataConfig:
     stream_splits: int = _f(8, "webdataset: each rank reads its share of an epoch as this many contiguous streams "
                             "(dealt to its workers); the batch sequence depends on it, not on num_workers.")
     shuffle_buffer: int = _f(2000, "webdataset: samples held per stream to shuffle them (raw bytes, not decoded).")
+    backend: str = _f("pil", "Who decodes and augments the image sources: 'pil' (the loader workers, on CPU, with PIL: "
+                      "timm's transforms), 'nvjpeg' (the workers only read the bytes and draw each sample's augmentation "
+                      "parameters; torchvision.io.decode_jpeg decodes a batch on the training device (nvJPEG on a GPU) "
+                      "and crop, flip, RandAugment, normalise and erasing run there as tensor ops) or 'dali' (as "
+                      "nvjpeg, with NVIDIA DALI decoding, cropping, resizing and flipping; pip install "
+                      "nvidia-dali-cuda130). The parameters are the same in all three (same seeds, same draws); "
+                      "the pixels differ by the resampling kernels (docs/method.md).")
     max_bad_fraction: float = _f(0.001, "Stop with an error when more than this fraction of the samples read so far "
                                  "(at least one epoch's worth; train or eval) was unreadable (truncated image, missing "
                                  "label); fewer are skipped and counted in the metrics (bad_samples).")
@@ -98,6 +106,11 @@ class DataConfig:
             raise UserError(f"data.source={self.source!r} is not known; valid: {', '.join(DATA_SOURCES)}")
         if self.worker_start not in ("", "fork", "spawn", "forkserver"):
             raise UserError(f"data.worker_start must be 'fork', 'spawn', 'forkserver' or empty, got {self.worker_start!r}")
+        if self.backend not in DATA_BACKENDS:
+            raise UserError(f"data.backend={self.backend!r} is not known; valid: {', '.join(DATA_BACKENDS)}")
+        if self.backend != "pil" and self.source == "fashion-mnist":
+            raise UserError(f"data.backend={self.backend!r} decodes JPEG files: it applies to the imagefolder and "
+                            "webdataset sources, not to fashion-mnist (in memory); use data.backend=pil")
         if not 0 < self.fraction <= 1:
             raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -236,24 +249,50 @@ class FineTuneConfig(PhaseConfig):
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3.")
     precision: str = _f("fp32", "'fp32' or 'bf16' (DeepSpeed keeps fp32 master weights for bf16).")
+    grad_accum_dtype: str = _f("fp32", "bf16 only: the dtype gradients are accumulated in across micro-batches "
+                               "(DeepSpeed's data_types.grad_accum_dtype). 'fp32' (default): ZeRO-1 trains through "
+                               "DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep fp32 gradient partitions. 'bf16': DeepSpeed's "
+                               "default, 8 mantissa bits per partial sum. DeepSpeed 0.19.8 cannot accumulate bf16 "
+                               "gradients in fp32 without ZeRO: zero_stage 0 with bf16 needs 'bf16' here.")
+    communication_dtype: str = _f("fp32", "bf16 only: the dtype gradients are all-reduced / reduce-scattered in "
+                                  "(DeepSpeed's communication_data_type). 'fp32' (default): sums over many ranks keep "
+                                  "24 mantissa bits, at twice the bytes of 'bf16'.")
+    overlap_comm: Optional[bool] = _f(None, "Overlap gradient reduction with the backward pass (ZeRO >= 2, "
+                                      "zero_optimization.overlap_comm); null: on with ZeRO-2/3.")
+    contiguous_gradients: bool = _f(True, "Copy gradients into one contiguous buffer as they are produced (ZeRO >= 2; "
+                                    "less fragmentation, faster reduce).")
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        for k in ("grad_accum_dtype", "communication_dtype"):
+            if getattr(self, k) not in ("fp32", "bf16"):
+                raise UserError(f"deepspeed.{k} must be 'fp32' or 'bf16', got {getattr(self, k)!r}")
+        if self.precision == "bf16" and self.zero_stage == 0 and self.grad_accum_dtype == "fp32":
+            raise UserError("deepspeed.precision=bf16 with zero_stage=0: DeepSpeed 0.19.8 accumulates bf16 gradients "
+                            "in fp32 only under ZeRO; set deepspeed.zero_stage=1 (on one rank it costs the memory of "
+                            "stage 0), or deepspeed.grad_accum_dtype=bf16 to accept bf16 accumulation")
 
 
 @dataclass
 class SpeedConfig:
-    """Fast paths (each gives the same results as the plain path; tests/test_speed.py). ``null`` = automatic:
-    on with a GPU, off on CPU."""
+    """Fast paths (each gives the plain path's results, as tests/test_speed.py states per path). ``null`` =
+    automatic: on with a GPU, off on CPU."""
     compile: Optional[bool] = _f(None, "torch.compile the model (in place: names and shards unchanged); null: on CUDA.")
-    checkpointing: bool = _f(False, "Activation checkpointing per block (timm's set_grad_checkpointing): recompute "
-                             "block activations in the backward pass instead of storing them; only blocks whose "
-                             "backward runs are recomputed (hybrid(k): module k and the blocks after it).")
-    fused_optimizer: Optional[bool] = _f(None, "torch.optim.AdamW(fused=True) (one kernel for all parameters); "
-                                         "null: on CUDA.")
+    checkpointing: bool = _f(False, "Activation checkpointing per block (timm's set_grad_checkpointing, non-reentrant): "
+                             "recompute block activations in the backward pass instead of storing them; only blocks "
+                             "whose backward runs are recomputed (hybrid(k): module k and the blocks after it, never "
+                             "the frozen blocks before it).")
+    fused_optimizer: Optional[bool] = _f(None, "torch.optim.AdamW(fused=True) (one kernel for all parameters; also "
+                                         "under DeepSpeed's ZeRO and bf16 optimizers); null: on CUDA.")
+    fused_attention: bool = _f(True, "F.scaled_dot_product_attention in every attention block (timm's fused_attn: "
+                               "flash / memory-efficient kernels on a GPU); false: timm's explicit softmax(q k^T) v.")
+    uint8_batches: Optional[bool] = _f(None, "data.backend=pil: the loader yields uint8 images (timm's prefetcher "
+                                       "layout, 4x fewer bytes to copy); normalise and random erasing run on the "
+                                       "device, erasing at the boxes the sample's seed draws; null: on CUDA.")
+    pin_memory: Optional[bool] = _f(None, "Pinned loader batches and non_blocking host-to-device copies; null: on CUDA.")
 
 
 @dataclass
@@ -429,7 +468,8 @@ def describe(cls=Recipe, prefix: str = "") -> list[str]:
 
 # Keys that never change what a phase computes (paths, logging, checkpoint cadence, loader tuning).
 _INERT = {"run.out_dir", "run.name", "run.peak_tflops", "data.num_workers", "data.worker_start", "data.eval_batch_size",
-          "data.train_shards", "data.val_shards", "data.max_bad_fraction"}
+          "data.train_shards", "data.val_shards", "data.max_bad_fraction",
+          "deepspeed.overlap_comm", "deepspeed.contiguous_gradients"}  # (these two: when gradients move, not what they sum to)
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
                 "groups",  # how incubation is farmed out does not change a module's result
                 "init_from"}  # where the init shard set lies; its content counts (init_from_sha256)

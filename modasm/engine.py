@@ -79,17 +79,27 @@ def plan(cfg: PhaseConfig, world: int, section: str, n_train: int) -> Plan:
 
 
 def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, p: Plan) -> dict:
-    return {
+    zero = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero.update(overlap_comm=True if ds.overlap_comm is None else ds.overlap_comm,
+                    contiguous_gradients=ds.contiguous_gradients)
+    out = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": p.micro,
         "gradient_accumulation_steps": p.accum,
         "gradient_clipping": cfg.clip_grad,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if ds.precision == "bf16":
+        # DeepSpeed's default under bf16 is to accumulate and reduce gradients in bf16 (8 mantissa bits); with
+        # fp32 accumulation ZeRO-1 trains through BF16_Optimizer, ZeRO-2/3 keep fp32 gradient partitions.
+        out["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
+        out["communication_data_type"] = ds.communication_dtype
+    return out
 
 
 class Schedule:
@@ -163,6 +173,37 @@ def grad_norm_before_step(engine) -> float | None:
     if not grads:
         return None
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def master_state(engine) -> dict[str, torch.Tensor]:
+    """The model's state dict as fp32 CPU tensors, parameters from the optimizer's fp32 master copies.
+
+    Under bf16 the module holds bf16-rounded weights; the optimizer's fp32 masters are what training
+    continues from, so they are what a phase hands on. Collective under ZeRO (every rank must call it).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {}
+    with full_params(engine):
+        for name, p in engine.module.named_parameters():
+            m = safe_get_full_fp32_param(p) if engine.bfloat16_enabled() and p.requires_grad else None
+            if m is None and engine.bfloat16_enabled() and p.requires_grad:
+                m = _unzero_master(engine, p)
+            masters[name] = (p if m is None else m).detach().to("cpu", torch.float32, copy=True)
+        state = {}
+        for name, t in engine.module.state_dict().items():
+            state[name] = masters[name] if name in masters else t.detach().to("cpu", copy=True)
+    return state
+
+
+def _unzero_master(engine, param) -> torch.Tensor:
+    """fp32 master of ``param`` under bf16 without ZeRO (DeepSpeed's FP16_UnfusedOptimizer keeps one per
+    parameter in ``fp32_groups``, no fragment mapping for safe_get_full_fp32_param)."""
+    opt = engine.optimizer
+    for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is param:
+                return hp
+    raise AssertionError(f"no fp32 master for a trainable parameter in {type(opt).__name__}")
 
 
 @contextlib.contextmanager

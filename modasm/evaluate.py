@@ -42,7 +42,7 @@ def run(recipe: Recipe, info: DistInfo, phase: str, module: int | None = None) -
     model = build_from_shards(recipe, phase, module).to(info.device)
     _, val = build_datasets(recipe.data, recipe.model.img_size, recipe.run.seed, recipe.aug)
     loader = eval_loader(val, recipe.data.eval_batch_size, info.rank, info.world, recipe.data.num_workers)
-    metrics = evaluate(model, loader, info, max_bad_fraction=recipe.data.max_bad_fraction)
+    metrics = evaluate(model, loader, info, max_bad_fraction=recipe.data.max_bad_fraction, dataset=val)
     if info.is_main:
         what = phase if module is None else f"{phase}[{module}]"
         print(f"{what}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "

@@ -70,10 +70,11 @@ def owner(name: str, layout: list[int]) -> tuple[int, str]:
     raise AssertionError(f"tensor {name!r} has no owning module; update model._FIRST/_LAST")
 
 
-def module_state(model: nn.Module, layout: list[int], m: int) -> dict[str, torch.Tensor]:
-    """Module m's tensors under module-local names (detached, contiguous CPU copies)."""
+def module_state(model: nn.Module | dict, layout: list[int], m: int) -> dict[str, torch.Tensor]:
+    """Module m's tensors under module-local names (detached, contiguous CPU copies); ``model`` is a model
+    or a state dict of one (e.g. the fp32 master weights of a bf16 engine, ``engine.master_state``)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.items() if isinstance(model, dict) else model.state_dict().items()):
         mod, local = owner(name, layout)
         if mod == m:
             out[local] = t.detach().to("cpu", copy=True).contiguous()
@@ -152,7 +153,7 @@ def build_target(cfg: ModelConfig, drop_path: float = 0.0,
     return model
 
 
-def split_modules(model: nn.Module, layout: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+def split_modules(model: nn.Module | dict, layout: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     return {m: module_state(model, layout, m) for m in range(len(layout))}
 
 

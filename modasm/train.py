@@ -22,7 +22,7 @@ from . import engine as ds
 from . import perf, seeds, speed
 from .config import AugConfig, DeepSpeedConfig, PhaseConfig, SpeedConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
-from .data import Bad, Batch, SeededMixup, eval_loader, train_loader
+from .data import Bad, Batch, SeededMixup, eval_loader, to_device, train_loader
 from .dist import DistInfo, all_reduce_sum, barrier
 from .errors import UserError
 from .metrics import CostClock, MetricsLog
@@ -68,7 +68,7 @@ class Job:
     model: torch.nn.Module
     cfg: PhaseConfig
     ds: DeepSpeedConfig
-    export: Callable[[torch.nn.Module, int, dict], None]  # (trained model, step, metrics) -> shard set
+    export: Callable[[dict, int, dict], None]  # (trained state dict, fp32 masters; step, metrics) -> shard set
     seed: int
     workers: int = 0
     eval_batch: int = 512
@@ -150,23 +150,25 @@ class DataHealth:
 
 @torch.no_grad()
 def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
-             max_bad_fraction: float | None = None) -> dict:
+             max_bad_fraction: float | None = None, dataset=None, non_blocking: bool = False) -> dict:
     """Top-1/top-5 and loss over the rank-sharded validation set; every sample counted once.
 
     Unreadable samples are skipped and counted (``eval_bad_samples``); past ``max_bad_fraction`` of
-    the samples read, a UserError.
+    the samples read, a UserError. ``dataset``: the loader's, whose transform finishes its batches on the
+    device (uint8 / GPU decode backends).
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=info.device)  # correct@1, correct@5, loss sum, count, bad
     examples = []
     for batch in loader:
+        batch = to_device(dataset, batch, info.device, non_blocking)
         if batch.bad:
             sums[4] += len(batch.bad)
             examples += batch.bad[:1]
         if batch.x is None:
             continue
-        x, y = batch.x.to(info.device, dtype), batch.y.to(info.device)
+        x, y = batch.x.to(dtype), batch.y
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[:4] += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
@@ -217,8 +219,9 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     if (done := finished(job.out, job.label, info, job.fingerprint, job.section)) is not None:
         return done
     plan = ds.plan(job.cfg, info.world, job.section, len(train_ds))
-    loader = train_loader(train_ds, plan.micro, info.rank, info.world, job.workers)
-    val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers)
+    fast = dict(pin_memory=speed.pin_memory(job.speed, info.device), uint8=speed.wanted(job.speed.uint8_batches, info.device))
+    loader = train_loader(train_ds, plan.micro, info.rank, info.world, job.workers, **fast)
+    val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers, **fast)
     newest = ds.latest(job.ckpt_dir)
     universal = False
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
@@ -232,7 +235,7 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
                                  universal)
     log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
     try:
-        return _Run(job, plan, eng, sched, train_ds, loader, val, log, info, meter).run(newest, universal)
+        return _Run(job, plan, eng, sched, train_ds, loader, (val, val_ds), log, info, meter).run(newest, universal)
     finally:
         log.close()
 
@@ -243,7 +246,8 @@ class _Run:
     def __init__(self, job: Job, plan: ds.Plan, eng, sched: ds.Schedule, train_ds, loader, val, log: MetricsLog,
                  info: DistInfo, meter: perf.Meter):
         self.job, self.cfg, self.plan, self.eng, self.sched, self.meter = job, job.cfg, plan, eng, sched, meter
-        self.train_ds, self.loader, self.val, self.log, self.info = train_ds, loader, val, log, info
+        self.train_ds, self.loader, (self.val, self.val_ds), self.log, self.info = train_ds, loader, val, log, info
+        self.non_blocking = speed.pin_memory(job.speed, info.device)
         self.mixup = SeededMixup(job.aug, job.cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
         self.dtype = ds.input_dtype(eng)
 
@@ -321,6 +325,7 @@ class _Run:
     def micro_step(self, batch: Batch, epoch: int, micro_no: int) -> bool:
         """Forward/backward one micro-batch (the optimizer steps at accumulation boundaries); True at one."""
         cfg, plan, info, eng = self.cfg, self.plan, self.info, self.eng
+        batch = to_device(self.train_ds, batch, info.device, self.non_blocking)  # GPU backends: decode failures -> bad
         self.health.add(batch)
         loss = self._loss(batch, seeds.mixup(self.job.seed, epoch, micro_no, info.rank))
         eng.backward(loss)
@@ -345,7 +350,7 @@ class _Run:
             pe = eng.module.patch_embed
             blank = torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=info.device, dtype=dtype)
             return eng(blank).float().sum() * 0.0
-        x, y = batch.x.to(info.device), batch.y.to(info.device)
+        x, y = batch.x, batch.y  # on the device (to_device)
         if self.mixup is None:
             return F.cross_entropy(eng(x.to(dtype)).float(), y, label_smoothing=self.cfg.label_smoothing)
         x, soft = self.mixup(x, y, mix_seed)  # mixed in fp32, smoothing inside the soft targets
@@ -371,7 +376,8 @@ class _Run:
         epoch_done = self.state.step // self.plan.steps_per_epoch
         if epoch_done % self.cfg.eval_every_epochs and self.state.step != self.plan.total:
             return
-        metrics = evaluate(self.eng, self.val, self.info, self.dtype, self.job.max_bad_fraction)
+        metrics = evaluate(self.eng, self.val, self.info, self.dtype, self.job.max_bad_fraction, self.val_ds,
+                           self.non_blocking)
         self.clock.tick()
         self.state.last_eval = {**metrics, "epoch": epoch_done, "step": self.state.step}
         self.state.best_top1 = max(self.state.best_top1 or metrics["top1"], metrics["top1"])
@@ -391,9 +397,9 @@ class _Run:
         self.clock.tick()
         final = {**(self.state.last_eval or {}), **self.clock.fields(), "steps": self.plan.total, "world": info.world,
                  "bad_samples": self.state.bad_samples, "best_top1": self.state.best_top1}
-        with ds.full_params(self.eng):
-            if info.is_main:
-                job.export(self.eng.module, self.plan.total, final)
+        state = ds.master_state(self.eng)  # fp32 masters under bf16; collective under ZeRO: every rank
+        if info.is_main:
+            job.export(state, self.plan.total, final)
         barrier(info)
         log.write("done", **final)
         if log.wandb is not None:

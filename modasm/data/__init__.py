@@ -22,7 +22,7 @@ from .transforms import SeededMixup, SeededTransform, image_transforms
 
 __all__ = ["IMAGE_EXTS", "Bad", "Batch", "collate", "decode_image", "key_hash", "sample_key", "select_fraction",
            "EvalSampler", "TrainSampler", "SeededMixup", "SeededTransform", "image_transforms",
-           "build_datasets", "train_loader", "eval_loader"]
+           "build_datasets", "train_loader", "eval_loader", "to_device"]
 
 
 def build_datasets(cfg: DataConfig, img_size: int, seed: int, aug: AugConfig | None = None):
@@ -42,13 +42,36 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int, aug: AugConfig | N
     return pair
 
 
-def train_loader(ds, micro_batch: int, rank: int, world: int, workers: int):
-    """The loader of this rank's training micro-batches; position it with ``ds.set_epoch(epoch, start)``."""
-    ds.configure(rank, world, micro_batch, workers)
+def _loader(ds, micro: int, rank: int, world: int, workers: int, pin_memory: bool, uint8: bool):
+    ds.configure(rank, world, micro, workers)
+    ds.pin_memory = pin_memory
+    if hasattr(getattr(ds, "transform", None), "uint8"):  # the image sources (speed.uint8_batches)
+        ds.transform.uint8 = uint8
     return ds.loader()
 
 
-def eval_loader(ds, batch: int, rank: int, world: int, workers: int):
+def train_loader(ds, micro_batch: int, rank: int, world: int, workers: int, pin_memory: bool = False,
+                 uint8: bool = False):
+    """The loader of this rank's training micro-batches; position it with ``ds.set_epoch(epoch, start)``.
+
+    ``pin_memory``: pinned batches (non_blocking copies); ``uint8``: the image sources hand on uint8 images,
+    normalised and erased by ``to_device`` (speed.uint8_batches).
+    """
+    return _loader(ds, micro_batch, rank, world, workers, pin_memory, uint8)
+
+
+def eval_loader(ds, batch: int, rank: int, world: int, workers: int, pin_memory: bool = False,
+                uint8: bool = False):
     """This rank's share of the validation set (``batch`` is global), without padding."""
-    ds.configure(rank, world, max(1, batch // world), workers)
-    return ds.loader()
+    return _loader(ds, max(1, batch // world), rank, world, workers, pin_memory, uint8)
+
+
+def to_device(ds, batch: Batch, device, non_blocking: bool = False) -> Batch:
+    """A loader's batch as the model takes it, on ``device``: copied, and (image sources, uint8 or GPU
+    backends) decoded, augmented, normalised and erased there. Samples that fail to decode become Bad."""
+    tf = getattr(ds, "transform", None)
+    if hasattr(tf, "to_device"):
+        return tf.to_device(batch, device, non_blocking)
+    if batch.x is None:
+        return batch
+    return batch._replace(x=batch.x.to(device, non_blocking=non_blocking), y=batch.y.to(device, non_blocking=non_blocking))

@@ -34,20 +34,41 @@ class Bad:
 
 
 class Batch(NamedTuple):
-    x: torch.Tensor | None   # [B, C, H, W]; None when every sample of the batch was bad
+    x: torch.Tensor | list | None  # [B, C, H, W] float (ready) or uint8 (normalise/erase on the device), or a
+    #                                list of encoded samples (decode on the device); None when all were bad
     y: torch.Tensor | None   # [B] int64
     keys: list
     bad: list                # Bad records of the samples dropped from this batch
+    plans: list | None = None  # per sample, what the device still has to do (tensor_aug.Plan); None: nothing
 
 
 def collate(samples: list) -> Batch:
-    """Stack the good (image, label, key) samples; bad ones are dropped and handed on for counting."""
+    """Stack the good (image, label, key) samples; bad ones are dropped and handed on for counting.
+
+    An image is a float tensor (ready), a ``Prefetched`` (uint8 pixels + plan: stacked) or an ``Encoded``
+    (bytes + plan: listed, decoded on the device).
+    """
     good = [s for s in samples if not isinstance(s, Bad)]
     bad = [s for s in samples if isinstance(s, Bad)]
     if not good:
         return Batch(None, None, [], bad)
-    x, y = default_collate([(s[0], s[1]) for s in good])
-    return Batch(x, y, [s[2] for s in good], bad)
+    keys, y = [s[2] for s in good], default_collate([s[1] for s in good])
+    first = good[0][0]
+    if isinstance(first, torch.Tensor):
+        return Batch(default_collate([s[0] for s in good]), y, keys, bad)
+    plans = [s[0].plan for s in good]
+    if hasattr(first, "pixels"):
+        return Batch(torch.stack([s[0].pixels for s in good]), y, keys, bad, plans)
+    return Batch([s[0].data for s in good], y, keys, bad, plans)
+
+
+def prepare(transform, data: bytes, where: str, key: str, seed: int | None):
+    """A sample's image as its source's transform wants it: decoded by PIL and transformed here, or (GPU
+    backends) its bytes and augmentation plan; or a Bad record."""
+    if getattr(transform, "takes_bytes", False):
+        return transform.from_bytes(data, where, key, seed)
+    img = decode_image(data, where, key)
+    return img if isinstance(img, Bad) else transform(img, seed)
 
 
 def sample_key(relpath: str) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..config import AugConfig, DataConfig
 from ..errors import UserError
-from .contract import IMAGE_EXTS, Bad, decode_image, sample_key, select_fraction, subset
+from .contract import IMAGE_EXTS, Bad, prepare, sample_key, select_fraction, subset
 from .source import MapSource
 from .transforms import SeededTransform, image_transforms
 
@@ -60,15 +60,15 @@ class ImageFolderDataset(MapSource):
             data = path.read_bytes()
         except OSError as e:
             return Bad(key, str(path), f"{type(e).__name__}: {e}")
-        img = decode_image(data, str(path), key)
+        img = prepare(self.transform, data, str(path), key, aug_seed)
         if isinstance(img, Bad):
             return img
-        return self.transform(img, aug_seed), int(self.labels[i]), key
+        return img, int(self.labels[i]), key
 
 
 def build(cfg: DataConfig, aug: AugConfig, img_size: int, seed: int):
     root = Path(cfg.root)
-    train_tf, eval_tf = image_transforms(aug, img_size)
+    train_tf, eval_tf = image_transforms(aug, img_size, cfg.backend)
     tr_classes, tr_files, tr_labels = scan(root / "train")
     va_classes, va_files, va_labels = scan(root / "val")
     if tr_classes != va_classes:

@@ -58,4 +58,4 @@ class MapSource(Dataset):
         # drop_last in training: every optimizer step sees a full micro-batch on every rank
         return DataLoader(self, batch_size=self.micro, sampler=self.sampler, drop_last=self.train,
                           collate_fn=collate, persistent_workers=self.train and self.workers > 0,
-                          **worker_options(self.workers, self.start_method))
+                          pin_memory=getattr(self, "pin_memory", False), **worker_options(self.workers, self.start_method))

@@ -5,13 +5,19 @@ multiprocessing start method (fork, spawn, forkserver).
 """
 from __future__ import annotations
 
+import copy
+import io
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..config import AugConfig
+from . import tensor_aug
+from .contract import Bad, Batch, decode_image
+from .tensor_aug import Plan
 
 
 class SeededTransform:
@@ -62,8 +68,9 @@ def posterize_zero_bits_is_black(transform) -> None:
                     op.aug_fn = _PosterizeZeroBitsIsBlack(op.aug_fn)
 
 
-def image_transforms(aug: AugConfig, img_size: int):
-    """(train, eval) transforms of the image sources, built by timm's create_transform."""
+def image_transforms(aug: AugConfig, img_size: int, backend: str = "pil"):
+    """(train, eval) transforms of the image sources, built by timm's create_transform; ``backend`` says who
+    decodes and augments (``ImageTransform``)."""
     from timm.data import create_transform
     train = create_transform(img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
                              hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment or None,
@@ -72,7 +79,177 @@ def image_transforms(aug: AugConfig, img_size: int):
     posterize_zero_bits_is_black(train)
     evaluation = create_transform(img_size, is_training=False, crop_pct=aug.crop_pct,
                                   interpolation="bicubic" if aug.interpolation == "random" else aug.interpolation)
-    return SeededTransform(train), SeededTransform(evaluation)
+    return ImageTransform(train, True, backend), ImageTransform(evaluation, False, backend)
+
+
+@dataclass
+class Prefetched:
+    """uint8 path: the augmented image as uint8 CHW; normalising and erasing (at ``plan.erase``) on the device."""
+    pixels: torch.Tensor
+    plan: Plan
+
+
+@dataclass
+class Encoded:
+    """nvjpeg/dali: a JPEG file's bytes (uint8, 1-D), or for other formats the pixels PIL decoded (uint8 CHW);
+    ``plan`` holds every augmentation parameter of the sample."""
+    data: torch.Tensor
+    plan: Plan
+
+
+class _Uint8Part:
+    """The PIL part of a timm pipeline to a uint8 tensor, plus the boxes its RandomErasing would draw."""
+
+    def __init__(self, pil_part, eraser):
+        self.pil_part, self.eraser = pil_part, eraser
+
+    def __call__(self, img):
+        for t in self.pil_part:
+            img = t(img)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        boxes = []
+        if self.eraser is not None:  # the draws timm's RandomErasing makes after ToTensor + Normalize (no RNG)
+            rec = tensor_aug._Boxes()
+            self.eraser._erase(rec, *pixels.shape, torch.float32)
+            boxes = rec.boxes
+        return pixels, boxes
+
+
+def _jpeg_payload(data: bytes, where: str, key: str):
+    """(payload, (h, w)) of an encoded sample, or Bad: JPEG bytes as they are (RGB or grayscale, which
+    decode_jpeg and DALI take), anything else decoded here by PIL (PNG, CMYK JPEG, ...)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+    except Exception as e:
+        return Bad(key, where, f"{type(e).__name__}: {e}")
+    if fmt == "JPEG" and mode in ("RGB", "L"):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), (h, w)
+    img = decode_image(data, where, key)
+    if isinstance(img, Bad):
+        return img
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous(), (h, w)
+
+
+class ImageTransform(SeededTransform):
+    """A timm pipeline and the backends that run it (``data.backend``); calling it is the PIL path.
+
+    * ``pil``: the loader decodes and augments (``__call__``); with ``uint8`` set (speed.uint8_batches) it
+      stops before ToTensor and hands on uint8 pixels and the erasing boxes (``Prefetched``); ``to_device``
+      normalises and erases on the device.
+    * ``nvjpeg`` / ``dali``: the loader only reads the bytes and draws the plan (``from_bytes``);
+      ``to_device`` decodes, augments, normalises and erases on the device.
+    Each sample's parameters come from its seed the same way in every backend (``tensor_aug``).
+    """
+
+    def __init__(self, transform, train: bool, backend: str = "pil"):
+        super().__init__(transform)
+        self.train, self.backend, self.uint8 = train, backend, False
+        names = [type(t).__name__ for t in transform.transforms]
+        cut = next(i for i, n in enumerate(names) if n in ("MaybeToTensor", "ToTensor"))
+        tail = transform.transforms[cut:]
+        norm = next(t for t in tail if type(t).__name__ == "Normalize")
+        self.mean, self.std = tuple(norm.mean), tuple(norm.std)
+        erasers = [t for t in tail if type(t).__name__ == "RandomErasing"]
+        self.erase_mode = ("pixel" if erasers[0].per_pixel else "rand" if erasers[0].rand_color else "const") \
+            if erasers else "const"
+        eraser = None
+        if erasers:
+            eraser = copy.copy(erasers[0])
+            eraser.per_pixel = eraser.rand_color = False  # the boxes only: their noise is drawn on the device
+        self.uint8_part = SeededTransform(_Uint8Part(transform.transforms[:cut], eraser))
+        self.planner = SeededTransform(tensor_aug.Planner(transform, train)) if backend != "pil" else None
+        self._dali = None
+
+    @property
+    def takes_bytes(self) -> bool:
+        return self.backend != "pil"
+
+    def __call__(self, img, seed: int | None):
+        if not self.uint8:
+            return super().__call__(img, seed)
+        pixels, boxes = self.uint8_part(img, seed)
+        return Prefetched(pixels, Plan(seed=seed or 0, size=tuple(pixels.shape[1:]), erase=boxes))
+
+    def from_bytes(self, data: bytes, where: str, key: str, seed: int | None):
+        """Loader side of nvjpeg/dali: Encoded (bytes + plan) or Bad."""
+        got = _jpeg_payload(data, where, key)
+        if isinstance(got, Bad):
+            return got
+        payload, (h, w) = got
+        plan = self.planner(tensor_aug._standin(w, h), seed)
+        plan.seed, plan.where = seed or 0, where
+        return Encoded(payload, plan)
+
+    def to_device(self, batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+        """The batch as the model takes it: float, normalised and erased, on ``device``."""
+        if batch.x is None:
+            return batch
+        y = batch.y.to(device, non_blocking=non_blocking)
+        if isinstance(batch.x, torch.Tensor) and batch.x.dtype != torch.uint8:
+            return batch._replace(x=batch.x.to(device, non_blocking=non_blocking), y=y)
+        if isinstance(batch.x, torch.Tensor):  # uint8 pixels (Prefetched)
+            x = batch.x.to(device, non_blocking=non_blocking)
+            return batch._replace(x=tensor_aug.finish(x, batch.plans, self.mean, self.std, self.erase_mode), y=y)
+        if self.backend == "dali":
+            if self._dali is None:
+                from .dali import DaliDecoder
+                self._dali = DaliDecoder(self.planner.transform, device)
+            pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys)
+        else:
+            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device)
+        if not ok:
+            return Batch(None, None, [], batch.bad + bad)
+        plans = [batch.plans[i] for i in ok]
+        x = tensor_aug.finish(pixels, plans, self.mean, self.std, self.erase_mode)
+        return Batch(x, y[torch.as_tensor(ok, device=device)], [batch.keys[i] for i in ok], batch.bad + bad, plans)
+
+    def __getstate__(self):  # the DALI pipeline stays in the training process
+        return {**self.__dict__, "_dali": None}
+
+
+def _decode_one(data: torch.Tensor, device: torch.device):
+    """One sample: decode_jpeg on the device; failing that, PIL on the CPU (what the pil backend reads)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if data.ndim == 3:  # decoded in the loader (not a plain JPEG)
+        return data.to(device)
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        img = decode_image(data.numpy().tobytes(), "", "")
+        if isinstance(img, Bad):
+            raise ValueError(img.reason) from None
+        return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(device)
+
+
+def decode_on_device(datas: list, plans: list, keys: list, planner, device: torch.device):
+    """(uint8 [B', C, H, W] on ``device``, indices of the samples kept, Bad records of the others).
+
+    The JPEGs of a batch go to ``torchvision.io.decode_jpeg`` in one call (nvJPEG's batched decode on a
+    GPU); if that fails, sample by sample, so that only an undecodable sample is dropped.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    imgs = [None] * len(datas)
+    jpeg = [i for i, d in enumerate(datas) if d.ndim == 1]
+    if jpeg:
+        try:
+            for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+                imgs[i] = img
+        except RuntimeError:
+            pass
+    bad, ok, out = [], [], []
+    for i, d in enumerate(datas):
+        try:
+            img = imgs[i] if imgs[i] is not None else _decode_one(d, device)
+        except (RuntimeError, ValueError) as e:
+            bad.append(Bad(keys[i], plans[i].where, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        if tuple(img.shape[1:]) != tuple(plans[i].size):
+            bad.append(Bad(keys[i], plans[i].where, f"decoded {tuple(img.shape[1:])}, header said {plans[i].size}"))
+            continue
+        ok.append(i)
+        out.append(tensor_aug.execute(img, plans[i], planner))
+    return (torch.stack(out) if out else None), ok, bad
 
 
 class SeededMixup:

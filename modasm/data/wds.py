@@ -43,7 +43,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from .. import seeds
 from ..config import AugConfig, DataConfig
 from ..errors import UserError
-from .contract import IMAGE_EXTS, Bad, collate, decode_image, key_hash, select_fraction
+from .contract import IMAGE_EXTS, Bad, collate, key_hash, prepare, select_fraction
 from .source import worker_options
 from .transforms import SeededTransform, image_transforms
 
@@ -171,7 +171,8 @@ class ShardStream(IterableDataset):
 
     def loader(self) -> DataLoader:
         # the stream batches itself; fresh workers each epoch copy the stream's epoch and start position
-        return DataLoader(self, batch_size=None, **worker_options(self.workers, self.start_method))
+        return DataLoader(self, batch_size=None, pin_memory=getattr(self, "pin_memory", False),
+                          **worker_options(self.workers, self.start_method))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """``start``: samples of this rank already consumed this epoch (a multiple of the micro-batch)."""
@@ -236,11 +237,11 @@ class ShardStream(IterableDataset):
             return Bad(key, url, "no label (.cls)")
         except ValueError:
             return Bad(key, url, f"label {raw['cls'][:20]!r} is not an integer")
-        img = decode_image(raw[ext], url, key)
+        seed = seeds.sample(self.seed, self.epoch, key_hash(key), self.repeats, copy) if self.train else None
+        img = prepare(self.transform, raw[ext], url, key, seed)
         if isinstance(img, Bad):
             return img
-        seed = seeds.sample(self.seed, self.epoch, key_hash(key), self.repeats, copy) if self.train else None
-        return self.transform(img, seed), label, key
+        return img, label, key
 
     # -- train: streams of whole micro-batches
 
@@ -322,7 +323,7 @@ def _split(cfg: DataConfig, split: str, pattern: str, key: str, fraction: float 
 
 def build(cfg: DataConfig, aug: AugConfig, img_size: int, seed: int):
     """(train, val) ShardStreams of ``cfg.root``'s indices."""
-    train_tf, eval_tf = image_transforms(aug, img_size)
+    train_tf, eval_tf = image_transforms(aug, img_size, cfg.backend)
     tr = _split(cfg, "train", cfg.train_shards, "data.train_shards", cfg.fraction, cfg.train_limit, seed)
     va = _split(cfg, "val", cfg.val_shards, "data.val_shards", limit=cfg.eval_limit)
     return (ShardStream(*tr, train_tf, True, seed, aug.repeated_aug, cfg.stream_splits, cfg.shuffle_buffer),
