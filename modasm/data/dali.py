@@ -60,10 +60,12 @@ class DaliDecoder:
                 shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
                 img = fn.decoders.image_slice(jpg, anchor, shape, axes=[0, 1], device=decoder, output_type=types.RGB)
                 img = fn.resize(img, size=list(planner.out_size), interp_type=interp, antialias=True)
-            else:  # eval: resize the short side, centre crop
+            else:  # eval: resize the short side, centre crop (sizes and anchors rounded as torchvision does)
+                size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+                anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
                 img = fn.decoders.image(jpg, device=decoder, output_type=types.RGB)
-                img = fn.resize(img, resize_shorter=float(planner.resize), interp_type=interp, antialias=True)
-                img = fn.crop(img, crop=list(planner.crop_size), out_of_bounds_policy="trim_to_shape")
+                img = fn.resize(img, size=size, interp_type=interp, antialias=True)
+                img = fn.slice(img, anchor, list(planner.crop_size), axes=[0, 1])
             img = fn.flip(img, horizontal=flip)
             return fn.transpose(img, perm=[2, 0, 1])
 
@@ -78,6 +80,10 @@ class DaliDecoder:
         if self.planner.crop_size is None:
             self.pipe.feed_input("anchor", [np.array(p.crop[:2], np.int32) for p in plans])
             self.pipe.feed_input("shape", [np.array(p.crop[2:], np.int32) for p in plans])
+        else:
+            boxes = [tensor_aug.eval_box(p.size, self.planner.resize, self.planner.crop_size) for p in plans]
+            self.pipe.feed_input("size", [np.array(b[:2], np.float32) for b in boxes])
+            self.pipe.feed_input("anchor", [np.array(b[2:], np.int32) for b in boxes])
         (out,) = self.pipe.run()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray

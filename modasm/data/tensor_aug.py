@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 _ERASE_SALT = 0x5EED_E4A5E
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
 
 @dataclass
@@ -68,8 +69,10 @@ class _Recorder:
     def __call__(self, img, *args, **kwargs):
         from timm.data.auto_augment import _interpolation
         kw = dict(kwargs)
-        if "resample" in kw:
-            kw["resample"] = _interpolation(kw)  # the op's own draw when the interpolation is random
+        if self.name.startswith(_GEOMETRIC):  # only these call timm's _check_args_tf (a random interpolation
+            kw["resample"] = _interpolation(kw)  # is drawn there); the others ignore their kwargs
+        else:
+            kw = {}
         self.log.append((self.name, args, kw))
         return img
 
@@ -87,7 +90,7 @@ class Planner:
         from timm.data.random_erasing import RandomErasing
         from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
         from torchvision import transforms as T
-        self.train, self.rrc, self.flip_p, self.ra, self.eraser = train, None, 0.0, None, None
+        self.train, self.rrc, self.flip_p, self.ra, self.eraser, self.jitter = train, None, 0.0, None, None, None
         self.erase_mode, self.resize, self.crop_size, self.mean, self.std = "const", None, None, None, None
         for t in compose.transforms:
             if isinstance(t, RandomResizedCropAndInterpolation):
@@ -99,6 +102,8 @@ class Planner:
                 self.ra_log = []
                 for op in self.ra.ops:
                     op.aug_fn = _Recorder(op.name, self.ra_log)
+            elif isinstance(t, T.ColorJitter):  # (timm adds it, a no-op, even at strength 0: its draws count)
+                self.jitter = t
             elif isinstance(t, RandomErasing):
                 self.erase_mode = "pixel" if t.per_pixel else "rand" if t.rand_color else "const"
                 self.eraser = copy.copy(t)
@@ -114,8 +119,8 @@ class Planner:
                 pass
             else:
                 raise UserError(f"data.backend nvjpeg/dali: the transform {type(t).__name__} has no tensor version "
-                                "here (supported: random-resized crop, flip, RandAugment, random erasing; colour "
-                                "jitter without RandAugment is not); use data.backend=pil")
+                                "here (supported: random-resized crop, flip, colour jitter, RandAugment, random "
+                                "erasing); use data.backend=pil")
         if self.rrc is not None:
             self.out_size = tuple(self.rrc.size)
             self.resample = _interp_name(self.rrc.interpolation) if not isinstance(
@@ -135,10 +140,14 @@ class Planner:
             plan.resample = self.resample
         if self.flip_p:
             plan.flip = bool(torch.rand(1) < self.flip_p)
+        if self.jitter is not None:
+            j = self.jitter
+            order, *factors = j.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+            plan.ops.append(("ColorJitter", (order.tolist(), *factors), {}))
         if self.ra is not None:
             self.ra_log.clear()
             self.ra(img)
-            plan.ops = list(self.ra_log)
+            plan.ops += list(self.ra_log)
         if self.eraser is not None:
             boxes = _Boxes()
             self.eraser._erase(boxes, 3, *self.out_size, torch.float32)
@@ -190,6 +199,13 @@ def _geo(img, matrix, kw):
 def _op(img: torch.Tensor, name: str, args, kw) -> torch.Tensor:
     import torchvision.transforms.v2.functional as TF
     _, h, w = img.shape
+    if name == "ColorJitter":  # torchvision's ColorJitter.forward with its drawn parameters
+        order, *factors = args
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for i in order:
+            if factors[i] is not None:
+                img = adjust[i](img, factors[i])
+        return img
     if name == "AutoContrast":
         return TF.autocontrast(img)
     if name == "Equalize":
@@ -246,6 +262,16 @@ def geometry(img: torch.Tensor, plan: Plan, planner: Planner) -> torch.Tensor:
         img = TF.center_crop(TF.resize(img, planner.resize, interpolation=_interp(plan.resample), antialias=True),
                              list(planner.crop_size))
     return img.flip(-1) if plan.flip else img
+
+
+def eval_box(size: tuple[int, int], resize: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(height, width, top, left): torchvision's Resize(resize) (short side) then CenterCrop(crop) of an image
+    of ``size``, as integers (what the DALI pipeline is told, so that it crops the same pixels)."""
+    h, w = size
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(resize * long / short)
+    rh, rw = (resize, new_long) if h <= w else (new_long, resize)
+    return rh, rw, int(round((rh - crop[0]) / 2.0)), int(round((rw - crop[1]) / 2.0))
 
 
 def rand_augment(img: torch.Tensor, plan: Plan) -> torch.Tensor:

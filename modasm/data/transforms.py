@@ -117,13 +117,16 @@ class _Uint8Part:
 
 def _jpeg_payload(data: bytes, where: str, key: str):
     """(payload, (h, w)) of an encoded sample, or Bad: JPEG bytes as they are (RGB or grayscale, which
-    decode_jpeg and DALI take), anything else decoded here by PIL (PNG, CMYK JPEG, ...)."""
+    decode_jpeg and DALI take), anything else decoded here by PIL (PNG, CMYK JPEG, ...), and so is a JPEG
+    that does not end in its end-of-image marker: a truncated file, which PIL refuses (a Bad record, as
+    in the pil backend) and the GPU decoders would fill with grey (DALI decodes a crop window that lies in
+    the part that is there), or one with bytes after the marker, which PIL reads."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode, (w, h) = im.format, im.mode, im.size
     except Exception as e:
         return Bad(key, where, f"{type(e).__name__}: {e}")
-    if fmt == "JPEG" and mode in ("RGB", "L"):
+    if fmt == "JPEG" and mode in ("RGB", "L") and data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), (h, w)
     img = decode_image(data, where, key)
     if isinstance(img, Bad):
