@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast bench-data bench-farm bench-step gpu-bundle gpu-check-dry shards clean
+.PHONY: setup data demo test test-fast bench-data bench-speed bench-farm bench-step gpu-bundle gpu-check-dry shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -45,9 +45,14 @@ test: setup data
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Decode + augment throughput of the ImageFolder and webdataset paths (img/s per core; docs/benchmarks.md).
+# Decode + augment throughput of the ImageFolder and webdataset paths, every data.backend that runs here
+# (img/s per core; docs/benchmarks.md). DALI rows need nvidia-dali-cuda130 (the test extra installs it).
 bench-data: setup
 	$(BIN)/python benchmarks/bench_data.py
+
+# Training-step img/s with and without each fast path of the speed: section (docs/benchmarks.md)
+bench-speed: setup
+	$(BIN)/python benchmarks/bench_speed.py
 
 # ImageFolder tree -> webdataset shards: make shards SRC=/datasets/imagenet OUT=/datasets/imagenet-wds
 shards: setup

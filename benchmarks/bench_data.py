@@ -4,7 +4,10 @@ Builds an ImageFolder tree of real JPEG photos at ImageNet-like sizes (crops of 
 photographs, 256-500 x 256-427 px, quality 85-95; tests/photos.py) and its webdataset shards, then
 times one process with one torch thread (= one core) through the real loaders with the recipe's DeiT
 augmentation (recipes/vit-b16.yaml: RandAugment m9-mstd0.5-inc1, random erasing 0.25, 224^2), and the
-same with N loader workers. Figures go to docs/benchmarks.md ("Data loading (CPU)").
+same with N loader workers. The GPU paths run here on the CPU: the uint8 loader (normalise + erasing after it),
+data.backend=nvjpeg (torchvision's CPU decode_jpeg + the tensor augmentation) and data.backend=dali (DALI's
+CPU mode), each through ``to_device`` as the training loop calls it. Figures go to docs/benchmarks.md
+("Data loading (CPU)").
 """
 import argparse
 import io
@@ -22,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import photos  # noqa: E402
 from modasm.config import DataConfig, load_recipe  # noqa: E402
-from modasm.data import build_datasets, image_transforms, train_loader  # noqa: E402
+from modasm.data import build_datasets, image_transforms, to_device, train_loader  # noqa: E402
 from modasm.data.transforms import posterize_zero_bits_is_black  # noqa: E402
 from modasm.data.writer import make_shards  # noqa: E402
 
@@ -37,10 +40,12 @@ def rate(n, fn, repeats=2):
     return best
 
 
-def epoch(ds, workers, micro=64):
-    loader = train_loader(ds, micro, 0, 1, workers)
+def epoch(ds, workers, micro=64, uint8=False):
+    """One epoch through the loader and ``to_device`` (on the CPU: what the training loop does with a batch
+    before the model; for nvjpeg/dali that is the decode and augmentation, for uint8 normalise + erase)."""
+    loader = train_loader(ds, micro, 0, 1, workers, uint8=uint8)
     ds.set_epoch(0)
-    return sum(len(b.keys) for b in loader)
+    return sum(len(to_device(ds, b, "cpu").keys) for b in loader)
 
 
 def main():
@@ -48,6 +53,7 @@ def main():
     p.add_argument("--images", type=int, default=1024, help="training images (4 classes)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--pil-only", action="store_true", help="only the pil rows (the figures before issue 13)")
     args = p.parse_args()
     torch.set_num_threads(1)
     aug = load_recipe(ROOT / "recipes" / "vit-b16.yaml").aug
@@ -76,15 +82,32 @@ def main():
         ("  same, uint8 out (normalise+erase on GPU)", rate(n, lambda: [uint8(im) for im in imgs])),
         ("eval transform only (resize 256, crop 224)", rate(n, lambda: [ev(im, None) for im in imgs])),
     ]
-    for source, root in (("imagefolder", tmp / "tree"), ("webdataset", tmp / "wds")):
-        cfg = DataConfig(source=source, root=str(root), stream_splits=args.workers * 2, shuffle_buffer=500)
-        ds, _ = build_datasets(cfg, args.size, 0, aug)
-        rows.append((f"{source}: read+decode+DeiT aug+collate, 1 process", rate(n, lambda: epoch(ds, 0))))
-        total = rate(n, lambda: epoch(ds, args.workers))
-        rows.append((f"{source}: same, {args.workers} workers (per core)", total / args.workers))
-    print(f"{'path':58s} {'img/s per core':>14s}")
+    from torchvision.io import decode_jpeg
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    rows.append(("JPEG decode only (torchvision decode_jpeg, CPU)", rate(n, lambda: [decode_jpeg(t) for t in tensors])))
+    rows.append(("  same, one batched call of 64", rate(n, lambda: [decode_jpeg(tensors[i:i + 64])
+                                                                    for i in range(0, n, 64)])))
+    variants = [("pil", False, "")]
+    if not args.pil_only:
+        variants += [("pil", True, " uint8 out + normalise/erase after"), ("nvjpeg", False, " [nvjpeg on CPU]")]
+        try:
+            import nvidia.dali  # noqa: F401
+            variants.append(("dali", False, " [dali CPU mode]"))
+        except ImportError:
+            print("# DALI not installed: no dali rows (pip install nvidia-dali-cuda130)")
+    for backend, uint8, label in variants:
+        for source, root in (("imagefolder", tmp / "tree"), ("webdataset", tmp / "wds")):
+            cfg = DataConfig(source=source, root=str(root), stream_splits=args.workers * 2, shuffle_buffer=500,
+                             backend=backend)
+            ds, _ = build_datasets(cfg, args.size, 0, aug)
+            rows.append((f"{source}{label}: read+decode+DeiT aug+collate, 1 process",
+                         rate(n, lambda: epoch(ds, 0, uint8=uint8))))
+            if backend == "pil" and not uint8:
+                total = rate(n, lambda: epoch(ds, args.workers))
+                rows.append((f"{source}: same, {args.workers} workers (per core)", total / args.workers))
+    print(f"{'path':84s} {'img/s per core':>14s}")
     for name, r in rows:
-        print(f"{name:58s} {r:14.0f}")
+        print(f"{name:84s} {r:14.0f}")
 
 
 if __name__ == "__main__":

@@ -167,3 +167,18 @@ def test_pinned_batches_only_with_a_device():
     assert speed.pin_memory(SpeedConfig(), gpu) and not speed.pin_memory(SpeedConfig(), cpu)
     assert not speed.pin_memory(SpeedConfig(pin_memory=True), cpu)  # nothing to copy to: no pinning
     assert not speed.pin_memory(SpeedConfig(pin_memory=False), gpu)
+
+
+@pytest.mark.parametrize("name", ["vit-b16", "vit-l16", "vit-h14", "vit-h14-392"])
+def test_shipped_recipes_turn_the_fast_paths_on_with_a_gpu(name):
+    from conftest import ROOT
+    from modasm.config import load_recipe
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    s = r.speed
+    assert speed.wanted(s.compile, gpu) and speed.optimizer_kwargs(s, gpu) == {"fused": True} and s.fused_attention
+    assert speed.wanted(s.uint8_batches, gpu) and speed.pin_memory(s, gpu)
+    assert not speed.wanted(s.compile, cpu) and speed.optimizer_kwargs(s, cpu) == {}  # a CPU run stays plain
+    assert r.data.backend == "nvjpeg" and r.deepspeed.precision == "bf16"
+    assert r.deepspeed.grad_accum_dtype == r.deepspeed.communication_dtype == "fp32"
+    assert "Fast paths (issue 13)" in (ROOT / "recipes" / f"{name}.yaml").read_text().split("\nrun:")[0]
