@@ -40,12 +40,15 @@ def rate(n, fn, repeats=2):
     return best
 
 
-def epoch(ds, workers, micro=64, uint8=False):
-    """One epoch through the loader and ``to_device`` (on the CPU: what the training loop does with a batch
-    before the model; for nvjpeg/dali that is the decode and augmentation, for uint8 normalise + erase)."""
-    loader = train_loader(ds, micro, 0, 1, workers, uint8=uint8)
+def epoch(ds, workers, micro=64, uint8=False, device="cpu"):
+    """One epoch through the loader and ``to_device`` (what the training loop does with a batch before the
+    model; for nvjpeg/dali that is the decode and augmentation, for uint8 normalise + erase)."""
+    loader = train_loader(ds, micro, 0, 1, workers, uint8=uint8, pin_memory=device != "cpu")
     ds.set_epoch(0)
-    return sum(len(to_device(ds, b, "cpu").keys) for b in loader)
+    n = sum(len(to_device(ds, b, torch.device(device), non_blocking=True).keys) for b in loader)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return n
 
 
 def main():
@@ -54,6 +57,8 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--pil-only", action="store_true", help="only the pil rows (the figures before issue 13)")
+    p.add_argument("--device", default="cpu", help="where to_device runs for the uint8/nvjpeg/dali rows: 'cuda' "
+                   "measures img/s per GPU of those rows (loader workers: --workers), the others stay per core")
     args = p.parse_args()
     torch.set_num_threads(1)
     aug = load_recipe(ROOT / "recipes" / "vit-b16.yaml").aug
@@ -100,6 +105,10 @@ def main():
             cfg = DataConfig(source=source, root=str(root), stream_splits=args.workers * 2, shuffle_buffer=500,
                              backend=backend)
             ds, _ = build_datasets(cfg, args.size, 0, aug)
+            if args.device != "cpu" and label:
+                rows.append((f"{source}{label} on {args.device}, {args.workers} loader workers (per GPU)",
+                             rate(n, lambda: epoch(ds, args.workers, uint8=uint8, device=args.device))))
+                continue
             rows.append((f"{source}{label}: read+decode+DeiT aug+collate, 1 process",
                          rate(n, lambda: epoch(ds, 0, uint8=uint8))))
             if backend == "pil" and not uint8:
