@@ -135,10 +135,10 @@ def test_compile_through_the_engine_matches_eager(tiny, dist_info):
 # ---------------------------------------------------------------- fused AdamW under DeepSpeed's wrappers
 
 
-@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "bf16"), (2, "bf16"), (2, "fp32")])
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "bf16"), (2, "bf16"), (2, "fp32"), (3, "bf16")])
 def test_fused_adamw_under_deepspeed_matches_the_plain_one(tiny, dist_info, zero, precision):
     """torch's fused AdamW (also on CPU since torch 2.4) inside DeepSpeed's optimizers (ZeRO-1 bf16 =
-    BF16_Optimizer, ZeRO-2, plain fp32): the same fp32 master weights after 4 steps, to rounding."""
+    BF16_Optimizer, ZeRO-2 and 3, plain fp32): the same fp32 master weights after 4 steps, to rounding."""
     from modasm import engine as ds
     recipe = tiny(f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}")
     p = ds.plan(recipe.e2e, 1, "e2e", n_train=256)
