@@ -53,7 +53,7 @@ def test_micro_batch_limit_errors(tiny):
 @pytest.mark.parametrize("zero,precision", [(3, "bf16"), (2, "fp32")])
 def test_zero_export_holds_full_weights(tiny, dist_info, zero, precision):
     """ZeRO partitions the parameters (3) or the fp32 master weights (2, and 3); the exported shards still
-    hold every full tensor, and they are the trained master weights (bf16: rounded to bf16)."""
+    hold every full tensor, and they are the trained fp32 master weights (under bf16 too)."""
     recipe = tiny(f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}", "data.train_limit=128")
     metrics = phases.run_e2e(recipe, dist_info)
     assert metrics["steps"] == 2 and metrics["eval_samples"] == 256

@@ -85,7 +85,7 @@ def test_two_ranks_zero3_bf16(incubated, tmp_path):
                          "assemble.accum_steps=2", nproc=2)
     manifest = json.loads((two / "export" / "manifest.json").read_text())
     assert manifest["metrics"]["world"] == 2 and manifest["step"] == 8
-    # every full tensor, gathered from both ranks' partitions: the fp32 master weights rounded to bf16
+    # every full tensor, gathered from both ranks' partitions: the fp32 master weights (not rounded to bf16)
     recipe = load_recipe(TINY, [f"run.out_dir={tmp_path / 'z3'}"])
     assert_export_is_master(two / "export", two / "ckpt", recipe.model, recipe.model.split, bf16=True)
     evals = [r for r in read_jsonl(two / "metrics.jsonl") if r["kind"] == "eval"]
