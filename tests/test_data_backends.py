@@ -206,6 +206,26 @@ def test_gpu_backends_on_cpu_match_the_pil_path(data, backend, source):
         assert all(b.x.shape[1:] == (3, 64, 64) and b.x.dtype == torch.float32 for b in got)
 
 
+@pytest.mark.parametrize("backend,uint8", [("nvjpeg", False), ("pil", True)])
+def test_device_path_batches_do_not_depend_on_worker_count(data, backend, uint8):
+    """The plans (and the erase noise) are functions of each sample's seed: 0, 1 or 2 loader workers give the
+    same finished batches, bit for bit, and a resume with another worker count continues them."""
+    _, wds_dir, _ = data
+    cfg = DataConfig(source="webdataset", root=str(wds_dir), stream_splits=2, shuffle_buffer=8, backend=backend)
+    ds, _ = build_datasets(cfg, 32, 0, AugConfig(**{**DEIT.__dict__, "re_prob": 0.5, "repeated_aug": 1}))
+
+    def run(workers, start=0):
+        loader = train_loader(ds, 4, 0, 1, workers, uint8=uint8)
+        ds.set_epoch(2, start)
+        return [(b.keys, to_device(ds, b, CPU).x) for b in loader]
+    ref = run(0)
+    assert len(ref) == 12
+    for workers, start in ((1, 0), (2, 0), (2, 5 * 4)):
+        got = run(workers, start)
+        assert [k for k, _ in got] == [k for k, _ in ref[start // 4:]], workers
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref[start // 4:])), workers
+
+
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is installed on x86_64 only")
 def test_dali_runs_its_pipeline_and_agrees_with_nvjpeg(jpegs):
     """DALI (CPU mode) decodes, crops, resizes and flips itself: close to the nvjpeg path's pixels, not equal."""
