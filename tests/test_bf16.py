@@ -69,6 +69,7 @@ def _reloaded_fp32(recipe, dist_info, phase="e2e"):
     return {n: safe_get_full_fp32_param(t) for n, t in eng.module.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_export_is_the_fp32_master_state(tiny, dist_info, zero):
     """One rank: ZeRO-1 (BF16_Optimizer), ZeRO-2 and ZeRO-3 bf16. The shards hold the optimizer's fp32 masters
