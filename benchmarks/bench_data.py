@@ -97,10 +97,10 @@ def main():
     variants = [("pil", False, "")]
     if not args.pil_only:
         variants += [("pil", True, " [uint8 out; normalise+erase after]"), ("nvjpeg", False, " [nvjpeg on CPU]")]
-        try:
-            import nvidia.dali  # noqa: F401
+        from importlib.util import find_spec
+        if find_spec("nvidia") and find_spec("nvidia.dali"):
             variants.append(("dali", False, " [dali CPU mode]"))
-        except ImportError:
+        else:
             print("# DALI not installed: no dali rows (pip install nvidia-dali-cuda130)")
     for backend, uint8_out, label in variants:
         for source, root in (("imagefolder", tmp / "tree"), ("webdataset", tmp / "wds")):

@@ -23,7 +23,6 @@ from . import tensor_aug
 
 def _import_dali():
     try:
-        from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError:
         raise UserError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (CUDA 13) or "
