@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -114,4 +115,11 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def shutdown() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and getattr(ds_comm.comm, "cdb", None) is not None:
+            # DeepSpeed caches process groups (its world clone, data-parallel group): its own destroy drops them,
+            # so that a process group made after this one (a later phase or test in the process) is not
+            # handed a destroyed group by the next engine
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

@@ -29,6 +29,19 @@ def dist_info():
     return dist.init()
 
 
+@pytest.fixture(autouse=True)
+def _process_group_back():
+    """A test that runs an entry point's ``cli.main`` in this process ends with ``dist.shutdown()``: the process
+    group of the session's ``dist_info`` (a lone rank on the default group) is re-made after it, so that the
+    tests after it do not depend on running before it."""
+    import torch.distributed
+    had = torch.distributed.is_initialized()
+    yield
+    if had and not torch.distributed.is_initialized():
+        from modasm import dist
+        dist.init()
+
+
 def launch_cmd(script: str, *args: str, nproc: int = 0) -> list[str]:
     """python launch/x.py ... or torchrun --nproc-per-node=N launch/x.py ..."""
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
