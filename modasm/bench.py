@@ -124,7 +124,7 @@ def run_config(recipe: Recipe, phase: str, k: int | None, info: DistInfo, micro:
     finally:
         if eng is not None and hasattr(eng, "destroy"):
             eng.destroy()
-        del model, eng
+        model = eng = None
         torch._dynamo.reset()  # compiled graphs of this model go with it
         if info.device.type == "cuda":  # the next configuration needs the memory back now
             gc.collect()

@@ -78,10 +78,11 @@ def model_states(total: int, trainable: int, largest: int, stage: int, precision
             return States(2 * T, 2 * t + 4 * t, 12 * t // N, "hand count (DeepSpeed BF16_Optimizer, no estimator)")
         if stage in (1, 2):
             ds = estimate_zero2_model_states_mem_needs(t, num_gpus_per_node=N, cpu_offload=False)[1]
-            full_grads = 2 * t - 2 * t // N if stage == 1 else 0  # stage 1 keeps every 16-bit gradient
+            # stage 1 keeps every gradient, in the accumulation dtype: fp32 (deepspeed.grad_accum_dtype, our default)
+            full_grads = 4 * t - 2 * t // N if stage == 1 else 0
             s = States(2 * T, 2 * t // N + 4 * t // N + full_grads, 12 * t // N,
                        f"DeepSpeed estimate_zero2 ({ds / GiB:.2f} GiB) + frozen weights"
-                       + (" + stage 1's full 16-bit gradients" if stage == 1 else ""))
+                       + (" + stage 1's full fp32-accumulated gradients" if stage == 1 else ""))
             assert abs(s.total - (ds + 2 * f + full_grads)) <= 8, (s, ds)  # our split adds up to DeepSpeed's total
             return s
         ds = estimate_zero3_model_states_mem_needs(t, largest, num_gpus_per_node=N, cpu_offload=False,
@@ -209,7 +210,8 @@ def recommend(models: list[PhaseModel], precision: str, memory: int) -> Recommen
     if min(best.values()) < 1:
         raise UserError("not even one image per micro-batch fits at ZeRO-3 with activation checkpointing: "
                         "use more GPUs, or GPUs with more memory")
-    first = 0 if all(pm.ranks == 1 for pm in models) else 1  # one rank: nothing to partition
+    # one rank: nothing to partition; but bf16 accumulates gradients in fp32 only through ZeRO (>= 1)
+    first = 0 if all(pm.ranks == 1 for pm in models) and precision != "bf16" else 1
     for stage in range(first, 4):
         got = micros(stage, ckpt)
         if all(got[s] >= best[s] for s in best):

@@ -32,14 +32,14 @@ def test_vit_h_parameter_and_optimizer_bytes(vit_h):
     assert (s2.params, s2.grads, s2.optimizer) == (2 * T, 2 * T // 32 + 4 * T // 32, 12 * T // 32)
     assert abs(s2.total - estimate_zero2_model_states_mem_needs(T, 32, cpu_offload=False)[1]) <= 8  # DeepSpeed's
     assert 1.50 < s2.total / 2**30 < 1.51
-    # ZeRO-1 also keeps every 16-bit gradient
-    assert asm.states(1, "bf16").grads == 2 * T + 4 * T // 32
+    # ZeRO-1 also keeps every gradient, accumulated in fp32 (deepspeed.grad_accum_dtype, the default)
+    assert asm.states(1, "bf16").grads == 4 * T + 4 * T // 32
     # ZeRO-3: the weights are sharded too, one layer gathered at a time (DeepSpeed's 4 bytes per parameter)
     s3 = asm.states(3, "bf16")
     assert (s3.params, s3.grads, s3.optimizer) == (2 * T // 32 + 4 * asm.largest, 4 * T // 32, 12 * T // 32)
     # incubation of module 0 on 8 ranks: the frozen meta modules cost their 16-bit weights only
     i1 = inc0.states(1, "bf16")
-    assert (i1.params, i1.grads, i1.optimizer) == (2 * (t + f), 2 * t + 4 * t // 8, 12 * t // 8)
+    assert (i1.params, i1.grads, i1.optimizer) == (2 * (t + f), 4 * t + 4 * t // 8, 12 * t // 8)
     # fp32 without ZeRO (the demo's setting): weights, gradients, two Adam moments
     s0 = asm.states(0, "fp32")
     assert (s0.params, s0.grads, s0.optimizer) == (4 * T, 4 * T, 8 * T)

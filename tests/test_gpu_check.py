@@ -1,5 +1,4 @@
 """benchmarks/gpu_check.sh --dry-run: every step of the GPU check runs on CPU at toy sizes and is reported."""
-import os
 import re
 import subprocess
 import sys
