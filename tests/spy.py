@@ -39,6 +39,8 @@ def watch_vits():
     seen: list[Watched] = []
 
     def hook(module, _args):
+        if isinstance(module, VisionTransformer) and module.cls_token.is_meta:
+            return  # the FLOP counter's copy on the meta device (modasm.perf): it holds no data and never trains
         if isinstance(module, VisionTransformer) and not any(w.model is module for w in seen):
             seen.append(Watched(module))
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
