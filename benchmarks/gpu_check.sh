@@ -7,7 +7,7 @@
 #      checkpointing off/on (img/s, TFLOP/s, MFU, allocator peak vs launch/estimate.py's prediction)
 #   2. farmed incubation of tests/recipes/tiny.yaml on this one device: the farm in one torchrun
 #      (incubate.groups=2, two one-rank groups), and one torchrun per module group at the same time
-#   3. the demo recipe end to end in bf16 (its accuracy table)
+#   3. the demo recipe end to end in bf16 under ZeRO-1 (fp32 gradient accumulation; its accuracy table)
 #   4. launch/bench.py with torch.compile on (compiles take minutes: last; skipped when the budget is spent)
 #
 # On a lent GPU machine (Python 3.12 + torch, no DeepSpeed, no network), e.g. the device `run` tool, which
@@ -213,7 +213,7 @@ done
 # ---------------------------------------------------------------- 3. demo end to end in bf16
 demo() {
   # shellcheck disable=SC2086
-  "$PY" - recipes/demo-fmnist.yaml "run.out_dir=$WORK/demo" "data.root=$FMNIST" deepspeed.precision=bf16 \
+  "$PY" - recipes/demo-fmnist.yaml "run.out_dir=$WORK/demo" "data.root=$FMNIST" deepspeed.precision=bf16 deepspeed.zero_stage=1 \
     logging.progress=lines $DEMO <<'EOF'
 import sys
 from modasm import cli, dist, phases
