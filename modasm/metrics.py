@@ -142,7 +142,7 @@ class WandbRun:
             # a service of our own, which ends with this process: a parent's would outlive a SIGKILLed phase and
             # keep its run id "in use", and the resumed phase would have to log to another run
             os.environ.pop("WANDB_SERVICE")
-        self.wandb, self.group = wandb, group
+        self.wandb, self.group, self.broken = wandb, group, None
         kw = dict(mode=mode, project=cfg.project, entity=cfg.entity or None, group=group, job_type=job_type,
                   name=label, config=redact(config), dir=str(run_dir),
                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
@@ -166,18 +166,34 @@ class WandbRun:
               "curve; the phase's checkpoints record it, so resuming continues it)", flush=True)
         return self.wandb.init(id=other, **kw)
 
+    # W&B mirrors metrics.jsonl; it never ends a phase. Its service is a process of its own that a signal to the job
+    # (Slurm signals every process of a step) or the OOM killer can end first: then the phase trains on, logging to
+    # metrics.jsonl only, and a resume re-sends what W&B missed (MetricsLog.backfill_wandb).
+
+    def _guarded(self, call) -> None:
+        if self.broken:
+            return
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - a lost W&B service (ConnectionResetError, ...), whatever its form
+            self.broken = f"{type(e).__name__}: {e}"
+            print(f"[wandb] run {self.run.id}: W&B stopped working ({self.broken}); metrics.jsonl keeps every record, "
+                  "and a resumed phase re-sends them", flush=True)
+
     def log(self, record: dict, step: int) -> None:
-        self.run.log(record, step=step)
+        self._guarded(lambda: self.run.log(record, step=step))
 
     def log_shards(self, label: str, export_dir: Path) -> None:
         """The shard set as an artifact: its manifest, and the weights by reference (not copied)."""
-        art = self.wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.group}-{label}-shards"), type="shards")
-        art.add_file(str(export_dir / "manifest.json"))
-        art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
-        self.run.log_artifact(art)
+        def log():
+            art = self.wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.group}-{label}-shards"), type="shards")
+            art.add_file(str(export_dir / "manifest.json"))
+            art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
+            self.run.log_artifact(art)
+        self._guarded(log)
 
     def finish(self) -> None:
-        self.run.finish()
+        self._guarded(self.run.finish)
 
 
 @contextlib.contextmanager

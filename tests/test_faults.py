@@ -382,3 +382,46 @@ def test_every_load_in_the_library_is_weights_only_or_safetensors():
                 if kw.get("weights_only") != "True":
                     bad.append(f"{where}: torch.load without weights_only=True")
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- 6: no secret leaves the process
+
+SECRETS = {"WANDB_API_KEY": "0f1e2d3c4b5a69788796a5b4c3d2e1f0deadbeef", "HF_TOKEN": "hf_plantedTokenForModasmTests",
+           "AWS_SECRET_ACCESS_KEY": "aws/Planted+SecretKey/0123456789", "GITHUB_TOKEN": "ghp_plantedGithubToken0123",
+           "DB_PASSWORD": "planted-password-42"}
+
+
+def leaks(texts: dict[str, bytes]) -> list[str]:
+    return [f"{where}: {name}" for where, data in texts.items() for name, value in SECRETS.items()
+            if value.encode() in data]
+
+
+@pytest.mark.slow
+def test_no_secret_leaves_the_process(tmp_path, record_property):
+    """Known tokens in the environment, one of them also expanded into an override by the shell (a token in a shard
+    URL), another given by mistake as a recipe value: after a phase (W&B offline), a phase stopped by a non-finite
+    loss, a refused recipe and the report, no value appears in anything the run wrote (manifests, markers,
+    metrics.jsonl, the offline run-*.wandb files and W&B's logs, report.md) or printed (errors included). The
+    recipe keeps saying where the value came from: ``$HF_TOKEN``."""
+    record(record_property, fault="secrets in the environment (and expanded into arguments)",
+           injected="WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, DB_PASSWORD set; HF_TOKEN's value "
+                    "in a data.train_shards override, AWS_SECRET_ACCESS_KEY's as a bad e2e.lr",
+           checks="no value in any file the run wrote (manifests, markers, metrics.jsonl, run-*.wandb, W&B logs, "
+                  "report.md) nor in stdout/stderr; the recorded recipe says $HF_TOKEN")
+    url = f"pipe:curl -s https://example.invalid/train-0.tar?token={SECRETS['HF_TOKEN']}"
+    ov = [str(TINY), f"run.out_dir={tmp_path}", f"data.train_shards={url}"]
+    results = {"meta": run("meta.py", *ov, env=SECRETS),
+               "e2e": run("e2e.py", *ov, "e2e.ckpt_every_steps=4", faults={"NONFINITE": "loss@6"}, env=SECRETS),
+               "bad recipe": run("e2e.py", *ov, f"e2e.lr={SECRETS['AWS_SECRET_ACCESS_KEY']}", env=SECRETS),
+               "report": run("report.py", str(tmp_path / "tiny"), env=SECRETS)}
+    assert results["meta"].returncode == 0 and results["report"].returncode == 0, out_of(results["meta"])
+    assert results["e2e"].returncode == 2 and "non-finite loss at step 6/8" in results["e2e"].stderr
+    assert results["bad recipe"].returncode == 2 and "got '$AWS_SECRET_ACCESS_KEY'" in results["bad recipe"].stderr
+    written = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(name.endswith(".wandb") for name in written) and "tiny/report/report.md" in written
+    assert any(name.endswith("COMPLETE") for name in written)
+    printed = {f"{what} {stream}": getattr(res, stream).encode() for what, res in results.items()
+               for stream in ("stdout", "stderr")}
+    assert not leaks(written) and not leaks(printed), leaks(written) + leaks(printed)
+    manifest = json.loads((tmp_path / "tiny" / "meta" / "export" / "manifest.json").read_text())
+    assert manifest["recipe"]["data"]["train_shards"] == url.replace(SECRETS["HF_TOKEN"], "$HF_TOKEN")
