@@ -186,8 +186,8 @@ class PhaseConfig:
     keep_ckpts: int = _f(2, "Resume checkpoints kept per phase (older complete ones are removed).")
     log_every_steps: int = _f(20, "Print and log a training line every N optimizer steps.")
     max_nonfinite_steps: int = _f(0, "Optimizer steps with a non-finite loss or gradient norm that may be skipped (the "
-                                  "weights left unchanged, as mixed-precision loss scalers do) in the whole phase; "
-                                  "one more stops the phase at that step, saving nothing from it. 0: stop at the first.")
+                                  "weights left unchanged, as mixed-precision loss scalers do) in the whole phase; one "
+                                  "more stops the phase at that step, saving nothing from it. 0: stop at the first.")
 
     def __post_init__(self):
         if self.max_nonfinite_steps < 0:

@@ -347,6 +347,8 @@ def to_universal(ckpt_dir: Path, step: int, info: DistInfo) -> None:
     The conversion unpickles every file of the checkpoint: call it after ``verify``. Its output is sealed like
     a checkpoint, and verified before it is loaded."""
     out = ckpt_dir / _universal_tag(step)
+    if info.is_main and (out / COMPLETE).is_file() and integrity.problem(out) is not None:
+        shutil.rmtree(out)  # derived from the verified checkpoint: made again rather than trusted (or refused)
     if info.is_main and not (out / COMPLETE).is_file():
         from deepspeed.checkpoint import ds_to_universal
         tmp = ckpt_dir / f".{_universal_tag(step)}.tmp"

@@ -28,10 +28,6 @@ _current = {"label": ""}  # the phase this process is training (set by the loop)
 _files = {"ckpt": 0, "export": 0}
 
 
-def armed() -> bool:
-    return any(k.startswith(PREFIX) for k in os.environ)
-
-
 def set_phase(label: str) -> None:
     _current["label"] = label
     _files.update(ckpt=0, export=0)

@@ -174,6 +174,14 @@ def _check_marker(directory: Path, marker: dict) -> str | None:
     return None
 
 
+def problem(directory: Path) -> str | None:
+    """What is wrong with ``directory``'s marker and file list (not the digests), or None (main rank)."""
+    try:
+        return _check_marker(directory, read_marker(directory))
+    except CheckpointError as e:
+        return str(e)
+
+
 def verify(directory: Path, marker: dict, info) -> None:
     """Collective: raise CheckpointError on every rank unless ``directory`` is what was saved and sealed."""
     problem = _check_marker(directory, marker) if info.is_main else None
@@ -184,9 +192,9 @@ def verify(directory: Path, marker: dict, info) -> None:
         bad = [b for part in _gather(bad, info) for b in part]
         if bad:
             name, got = bad[0]
-            problem = (f"{directory / name}: sha256 {got[:12]}… does not match the digest recorded when the checkpoint "
-                       f"was saved ({files[name][:12]}…): corrupt or replaced; nothing was unpickled. Move "
-                       f"{directory} aside to resume from the previous checkpoint")
+            problem = (f"{directory / name}: sha256 {got[:12]}… does not match the digest recorded when the "
+                       f"checkpoint was saved ({files[name][:12]}…): corrupt or replaced; nothing was unpickled. "
+                       f"Move {directory} aside to resume from the previous checkpoint")
     if problem is not None:
         raise CheckpointError(problem)
     if info.is_main and os.environ.get(TRUST_ENV) == "1" and not files:

@@ -249,7 +249,8 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device),
                                  universal)
     wandb_id = newest[1].get("wandb_run_id") if newest is not None else None  # one W&B run across restarts
-    log = job.make_log(info, wandb_id) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
+    log = (job.make_log(info, wandb_id) if job.make_log
+           else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main))
     try:
         return _Run(job, plan, eng, sched, train_ds, loader, val, log, info).run(newest, universal)
     finally:

@@ -224,16 +224,17 @@ def test_disk_full_names_path_and_bytes_then_resumes(small_disk, dist_info, reco
     engine.verify(ckpt, 2, engine.latest(ckpt)[1], dist_info)
 
     filler.unlink()
-    res = run(*args, env={"WANDB_MODE": "disabled"})
-    assert res.returncode == 0, out_of(res)
-    assert "resuming from step 2/8" in res.stdout and (small_disk / "tiny" / "e2e" / "export" / "manifest.json").is_file()
+    done = phases.run_e2e(load_recipe(TINY, [*args[2:], "logging.wandb.mode=disabled"]), dist_info)  # here, in-process
+    recs = [json.loads(line) for line in (small_disk / "tiny" / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert done["steps"] == 8 and [r["step"] for r in recs if r["kind"] == "resume"] == [2]
+    assert (small_disk / "tiny" / "e2e" / "export" / "manifest.json").is_file()
 
 
 # ---------------------------------------------------------------- 4: non-finite loss and gradients
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_the_phase_at_that_step(tmp_path, record_property):
+def test_nonfinite_loss_stops_the_phase_at_that_step(tmp_path, dist_info, record_property):
     """NaN loss at step 5 (checkpoints every 2 steps): exit 2 with one line naming phase, step and 'loss'; no
     checkpoint or shard of that step; the re-run resumes from step 4."""
     record(record_property, fault="non-finite loss",
@@ -247,8 +248,11 @@ def test_nonfinite_loss_stops_the_phase_at_that_step(tmp_path, record_property):
     assert f"error: e2e: non-finite loss at step 5/8 (epoch 1); stopped before this step changed the weights" \
         in res.stderr and f"(step 4, {ckpt / engine.tag(4)})" in res.stderr, res.stderr[-2000:]
     assert complete_steps(ckpt) == [2, 4] and not (tmp_path / "tiny" / "e2e" / "export").exists()
-    res = run(*args)
-    assert res.returncode == 0 and "resuming from step 4/8" in res.stdout, out_of(res)
+    recs = [json.loads(line) for line in (tmp_path / "tiny" / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["what"]) for r in recs if r["kind"] == "nonfinite"] == [(5, "loss")]
+    done = phases.run_e2e(load_recipe(TINY, args[2:]), dist_info)  # the same command again (here, in-process)
+    recs = [json.loads(line) for line in (tmp_path / "tiny" / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert done["steps"] == 8 and [r["step"] for r in recs if r["kind"] == "resume"] == [4]
 
 
 def _module_state(ckpt: Path, step: int) -> dict:
@@ -399,8 +403,8 @@ def leaks(texts: dict[str, bytes]) -> list[str]:
 @pytest.mark.slow
 def test_no_secret_leaves_the_process(tmp_path, record_property):
     """Known tokens in the environment, one of them also expanded into an override by the shell (a token in a shard
-    URL), another given by mistake as a recipe value: after a phase (W&B offline), a phase stopped by a non-finite
-    loss, a refused recipe and the report, no value appears in anything the run wrote (manifests, markers,
+    URL), another given by mistake as a recipe value: after a phase (W&B offline, a skipped non-finite step), a
+    refused recipe and the report, no value appears in anything the run wrote (manifests, checkpoint markers,
     metrics.jsonl, the offline run-*.wandb files and W&B's logs, report.md) or printed (errors included). The
     recipe keeps saying where the value came from: ``$HF_TOKEN``."""
     record(record_property, fault="secrets in the environment (and expanded into arguments)",
@@ -410,12 +414,12 @@ def test_no_secret_leaves_the_process(tmp_path, record_property):
                   "report.md) nor in stdout/stderr; the recorded recipe says $HF_TOKEN")
     url = f"pipe:curl -s https://example.invalid/train-0.tar?token={SECRETS['HF_TOKEN']}"
     ov = [str(TINY), f"run.out_dir={tmp_path}", f"data.train_shards={url}"]
-    results = {"meta": run("meta.py", *ov, env=SECRETS),
-               "e2e": run("e2e.py", *ov, "e2e.ckpt_every_steps=4", faults={"NONFINITE": "loss@6"}, env=SECRETS),
+    results = {"e2e": run("e2e.py", *ov, "e2e.ckpt_every_steps=4", "e2e.max_nonfinite_steps=1",
+                          faults={"NONFINITE": "loss@6"}, env=SECRETS),
                "bad recipe": run("e2e.py", *ov, f"e2e.lr={SECRETS['AWS_SECRET_ACCESS_KEY']}", env=SECRETS),
                "report": run("report.py", str(tmp_path / "tiny"), env=SECRETS)}
-    assert results["meta"].returncode == 0 and results["report"].returncode == 0, out_of(results["meta"])
-    assert results["e2e"].returncode == 2 and "non-finite loss at step 6/8" in results["e2e"].stderr
+    assert results["e2e"].returncode == 0 and results["report"].returncode == 0, out_of(results["e2e"])
+    assert "step 6: non-finite loss; step skipped" in results["e2e"].stdout
     assert results["bad recipe"].returncode == 2 and "got '$AWS_SECRET_ACCESS_KEY'" in results["bad recipe"].stderr
     written = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert any(name.endswith(".wandb") for name in written) and "tiny/report/report.md" in written
@@ -423,5 +427,5 @@ def test_no_secret_leaves_the_process(tmp_path, record_property):
     printed = {f"{what} {stream}": getattr(res, stream).encode() for what, res in results.items()
                for stream in ("stdout", "stderr")}
     assert not leaks(written) and not leaks(printed), leaks(written) + leaks(printed)
-    manifest = json.loads((tmp_path / "tiny" / "meta" / "export" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "tiny" / "e2e" / "export" / "manifest.json").read_text())
     assert manifest["recipe"]["data"]["train_shards"] == url.replace(SECRETS["HF_TOKEN"], "$HF_TOKEN")
