@@ -171,6 +171,15 @@ def grad_norm_before_step(engine) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))  # no host sync
 
 
+def weights_finite(engine) -> torch.Tensor:
+    """A device flag: every trainable weight this rank holds is finite (its ZeRO-3 partition). Read at a save."""
+    local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters() if p.requires_grad]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.ones((), dtype=torch.bool, device=engine.device)
+    return torch.stack([torch.isfinite(t).all() for t in local]).all()
+
+
 @contextlib.contextmanager
 def step_skipped(engine):
     """The plain engine's ``step()`` in this block changes no weight and no optimizer state (a skipped step);

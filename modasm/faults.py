@@ -11,7 +11,8 @@ become non-finite inside the real loop.
     MODASM_FAULT_KILL_IN_EXPORT=F    SIGKILL while the shard set is exported, after F module files are complete
                                      (the manifest, written last, is not)
     MODASM_FAULT_NONFINITE=W@N[,..]  make optimizer step N non-finite: W = loss (the loss is NaN, so are its
-                                     gradients) or grad (the loss stays finite, its gradients are inf/NaN)
+                                     gradients), grad (the loss stays finite, its gradients are inf/NaN) or
+                                     weights (the step leaves an inf weight behind, as an overflowing update would)
   filters (all must match; unset = any):
     MODASM_FAULT_PHASE=P             the phase label (``e2e``, ``incubate[2]``) or its section (``incubate``)
     MODASM_FAULT_RANK=R              the process's rank in its launch (torchrun's RANK; a lone process is 0)
@@ -87,17 +88,30 @@ class _InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """The loss of a micro-batch of optimizer step ``step``, made non-finite when MODASM_FAULT_NONFINITE says so."""
+def _wanted(what: str, step: int) -> bool:
     spec = os.environ.get(PREFIX + "NONFINITE")
     if not spec or not _selected():
-        return loss
+        return False
     for item in spec.split(","):
-        what, _, at = item.strip().partition("@")
-        if int(at) == step:
-            if what == "loss":
-                return loss * float("nan")
-            if what == "grad":
-                return _InfGrad.apply(loss)
-            raise ValueError(f"{PREFIX}NONFINITE: {what!r} is not 'loss' or 'grad'")
+        kind, _, at = item.strip().partition("@")
+        if kind not in ("loss", "grad", "weights"):
+            raise ValueError(f"{PREFIX}NONFINITE: {kind!r} is not 'loss', 'grad' or 'weights'")
+        if kind == what and int(at) == step:
+            return True
+    return False
+
+
+def poison_weights(module: torch.nn.Module, step: int) -> None:
+    """After optimizer step ``step``: one trainable weight made inf when MODASM_FAULT_NONFINITE says so."""
+    if _wanted("weights", step):
+        with torch.no_grad():
+            next(p for p in module.parameters() if p.requires_grad and p.numel()).view(-1)[0] = float("inf")
+
+
+def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The loss of a micro-batch of optimizer step ``step``, made non-finite when MODASM_FAULT_NONFINITE says so."""
+    if _wanted("loss", step):
+        return loss * float("nan")
+    if _wanted("grad", step):
+        return _InfGrad.apply(loss)
     return loss

@@ -372,6 +372,7 @@ class _Run:
         self.log.advance(plan.micro * info.world)
         if not (bad_loss or bad_grads) and not eng.was_step_applied():  # ZeRO / bf16: DeepSpeed found inf/NaN
             self.nonfinite(step_no, epoch, "grad norm")
+        faults.poison_weights(eng.module, step_no)
         self.state.step = step_no
         self.sched.after_step(step_no)
         if logging_step:
@@ -379,10 +380,10 @@ class _Run:
         faults.after_step(step_no)
         return True
 
-    def nonfinite(self, step_no: int, epoch: int, what: str) -> None:
+    def nonfinite(self, step_no: int, epoch: int, what: str, skippable: bool = True) -> None:
         """Optimizer step ``step_no`` had a non-finite ``what``: it is skipped (the weights stay as they were)
         while ``max_nonfinite_steps`` allows, else the phase stops here, saving nothing from this step."""
-        job, allowed = self.job, self.cfg.max_nonfinite_steps
+        job, allowed = self.job, (self.cfg.max_nonfinite_steps if skippable else 0)
         self.state.nonfinite_steps += 1
         n = self.state.nonfinite_steps
         self.log.write("nonfinite", step=step_no, epoch=epoch, what=what, count=n, allowed=allowed)
@@ -394,10 +395,13 @@ class _Run:
         resume = (f"the newest checkpoint (step {steps[-1]}, {job.ckpt_dir / ds.tag(steps[-1])}) stays the one a "
                   "re-run resumes from" if steps else "there is no checkpoint yet: a re-run starts the phase over")
         limit = (f"this is non-finite step {n}, more than {job.section}.max_nonfinite_steps={allowed}" if allowed else
-                 f"lower {job.section}.lr or check the data, or let up to N such steps be skipped (as mixed-precision "
-                 f"loss scalers do) with {job.section}.max_nonfinite_steps=N")
+                 f"lower {job.section}.lr or check the data" + (
+                     f", or let up to N such steps be skipped (as mixed-precision loss scalers do) with "
+                     f"{job.section}.max_nonfinite_steps=N" if skippable else ""))
+        when = ("stopped before this step changed the weights, nothing of it was saved" if skippable else
+                "stopped before they were saved")
         raise NonFiniteError(f"{job.label}: non-finite {what} at step {step_no}/{self.plan.total} (epoch {epoch + 1}); "
-                             f"stopped before this step changed the weights, nothing of it was saved: {resume}; {limit}")
+                             f"{when}: {resume}; {limit}")
 
     def _loss(self, batch: Batch, mix_seed: int) -> torch.Tensor:
         eng, info, dtype = self.eng, self.info, self.dtype
@@ -435,7 +439,16 @@ class _Run:
         self.log.write("eval", step=self.state.step, epoch=epoch_done, **metrics, **self.clock.fields())
         self.log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
 
+    def check_weights(self) -> None:
+        """No checkpoint or shard set is ever written from non-finite weights (an update can overflow with finite
+        gradients): one pass over the weights and one sync per save, which syncs anyway."""
+        flag = (~ds.weights_finite(self.eng)).float()
+        if bool(all_reduce_sum(flag, self.info).item()):
+            step = self.state.step
+            self.nonfinite(step, (step - 1) // self.plan.steps_per_epoch, "weights", skippable=False)
+
     def checkpoint(self) -> None:
+        self.check_weights()
         self.health.sync(self.info)
         self.clock.tick()
         self.state.samples_read, self.state.bad_samples = self.health.read, self.health.bad
@@ -446,6 +459,7 @@ class _Run:
 
     def finish(self) -> dict:
         job, log, info = self.job, self.log, self.info
+        self.check_weights()
         self.clock.tick()
         final = {**(self.state.last_eval or {}), **self.clock.fields(), "steps": self.plan.total, "world": info.world,
                  "bad_samples": self.state.bad_samples, "best_top1": self.state.best_top1}

@@ -269,6 +269,9 @@ def test_nonfinite_gradients_stop_or_are_skipped_within_the_limit(tiny, dist_inf
            injected="MODASM_FAULT_NONFINITE=grad@3 (the backward multiplies the gradients by inf); plain fp32 "
                     "engine and ZeRO-2",
            checks="NonFiniteError naming phase, step 3 and 'grad norm'; checkpoint of step 2 stays the newest")
+    record(record_property, fault="non-finite weights after a step (an update that overflows)",
+           injected="MODASM_FAULT_NONFINITE=weights@4 (an inf weight left by step 4), checkpoints every 2 steps",
+           checks="the check before every save stops the phase at step 4; checkpoint of step 2 stays the newest")
     record(record_property, fault="a few non-finite steps allowed (<section>.max_nonfinite_steps)",
            injected="MODASM_FAULT_NONFINITE=loss@3,grad@6 with e2e.max_nonfinite_steps=1",
            checks="step 3 skipped: the weights saved after it equal those before it; step 6 stops the phase")
@@ -278,6 +281,13 @@ def test_nonfinite_gradients_stop_or_are_skipped_within_the_limit(tiny, dist_inf
         with pytest.raises(train.NonFiniteError, match=r"^e2e: non-finite grad norm at step 3/8 \(epoch 1\)"):
             phases.run_e2e(recipe, dist_info)
         assert complete_steps(phases.phase_dir(recipe, "e2e") / "ckpt") == [2], zero
+
+    # an update that overflows with finite gradients: the weights are checked before every save
+    monkeypatch.setenv("MODASM_FAULT_NONFINITE", "weights@4")
+    recipe = tiny("e2e.ckpt_every_steps=2", "run.name=weights")
+    with pytest.raises(train.NonFiniteError, match=r"^e2e: non-finite weights at step 4/8 .* stopped before they were"):
+        phases.run_e2e(recipe, dist_info)
+    assert complete_steps(phases.phase_dir(recipe, "e2e") / "ckpt") == [2]
 
     monkeypatch.setenv("MODASM_FAULT_NONFINITE", "loss@3,grad@6")
     recipe = tiny("e2e.ckpt_every_steps=1", "e2e.keep_ckpts=8", "e2e.max_nonfinite_steps=1", "run.name=skip")
