@@ -75,7 +75,8 @@ def stop_requested(info: DistInfo) -> bool:
 
 
 class NonFiniteError(UserError):
-    """A phase met a non-finite loss or gradient norm (more often than its section's max_nonfinite_steps)."""
+    """A phase met a non-finite loss or gradient norm (more often than its section's max_nonfinite_steps), or
+    non-finite weights at a save."""
 
 
 @dataclass
