@@ -60,7 +60,7 @@ with tempfile.TemporaryDirectory() as tmp:
     subprocess.run(["cp", "-r", str(recipe.run_dir / "meta"), str(farm / recipe.run.name / "meta")], check=True)
     for mods in plan:
         for k in mods:
-            run("incubate.py", alone, f"incubate.groups=1", "--module", str(k), nproc=args.ranks_per_group)
+            run("incubate.py", alone, "incubate.groups=1", "--module", str(k), nproc=args.ranks_per_group)
     run("incubate.py", farm, f"incubate.groups={args.groups}", nproc=args.groups * args.ranks_per_group)
     print(f"recipe {Path(args.recipe).name}, split {recipe.model.split}, {args.groups} groups x "
           f"{args.ranks_per_group} rank(s), {os.cpu_count()} CPU cores, 1 thread per rank")

@@ -21,7 +21,6 @@ digest is part of what the phase's result depends on (``init_from_sha256``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from . import model as M
 from .config import ModelConfig, Recipe
 from .errors import UserError
 from .paths import export_dir
-from .shards import ShardError, load_modules, read_manifest, save_shards
+from .shards import ShardError, file_sha256, load_modules, read_manifest, save_shards
 
 IMPORT_AS = ("meta", "incubate", "assemble", "e2e")
 TARGET_PHASES = ("assemble", "e2e")  # phases whose shard set is the whole target (layout = split)
@@ -186,14 +185,6 @@ def check_modules(stages: list[dict], cfg: ModelConfig, layout: list[int], path:
                                  f"{list(expected[name])} in the recipe's model")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def import_paper(recipe: Recipe, path: str | Path, phase: str, module: int | None = None,
                  force: bool = False) -> Path:
     """Write the checkpoint at ``path`` as the shard set of ``phase`` (module ``module`` for incubate) where
@@ -217,7 +208,7 @@ def import_paper(recipe: Recipe, path: str | Path, phase: str, module: int | Non
     # fp32 copies: off the memory map, and no two tensors share storage (safetensors refuses that)
     save_shards(out, {m: {k: v.detach().to(torch.float32, copy=True) for k, v in stages[m].items()} for m in keep},
                 model_cfg=recipe.model, layout=layout, phase=phase, step=0, recipe=recipe.to_dict(),
-                metrics={"imported_from": str(path.resolve()), "imported_sha256": _sha256(path),
+                metrics={"imported_from": str(path.resolve()), "imported_sha256": file_sha256(path),
                          "imported_epoch": epoch if isinstance(epoch, int) else None})
     return out
 

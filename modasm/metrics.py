@@ -142,13 +142,14 @@ class WandbRun:
             # a service of our own, which ends with this process: a parent's would outlive a SIGKILLed phase and
             # keep its run id "in use", and the resumed phase would have to log to another run
             os.environ.pop("WANDB_SERVICE")
-        self.wandb, self.group, self.broken = wandb, group, None
+        self.wandb, self.group = wandb, group
         kw = dict(mode=mode, project=cfg.project, entity=cfg.entity or None, group=group, job_type=job_type,
                   name=label, config=redact(config), dir=str(run_dir),
                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
         run_id = run_id or wandb_run_id(group, label, out)
         with _redacted_argv():  # W&B records the command line
             self.run = self._init(run_id, kw)
+        self.id = self.run.id  # kept with the resume state (also after a failure ends the mirror)
         # accuracy charts default to the cost axis: cumulative device-hours of the whole pipeline
         self.run.define_metric("cost/pipeline_device_hours")
         self.run.define_metric("eval/*", step_metric="cost/pipeline_device_hours", step_sync=True)
@@ -166,22 +167,23 @@ class WandbRun:
               "curve; the phase's checkpoints record it, so resuming continues it)", flush=True)
         return self.wandb.init(id=other, **kw)
 
-    # W&B mirrors metrics.jsonl; it never ends a phase. Its service is a process of its own that a signal to the job
-    # (Slurm signals every process of a step) or the OOM killer can end first: then the phase trains on, logging to
-    # metrics.jsonl only, and a resume re-sends what W&B missed (MetricsLog.backfill_wandb).
+    # W&B mirrors metrics.jsonl; it must never stop training. Its service is a separate process, which dies with
+    # the rest of a job step on a preemption's SIGTERM while the ranks still have a checkpoint to save: after a
+    # failure the mirror stops (one line says so) and the run goes on; a resumed phase re-sends what W&B missed
+    # (MetricsLog.backfill_wandb).
 
-    def _guarded(self, call) -> None:
-        if self.broken:
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
             return
         try:
-            call()
-        except Exception as e:  # noqa: BLE001 - a lost W&B service (ConnectionResetError, ...), whatever its form
-            self.broken = f"{type(e).__name__}: {e}"
-            print(f"[wandb] run {self.run.id}: W&B stopped working ({self.broken}); metrics.jsonl keeps every record, "
-                  "and a resumed phase re-sends them", flush=True)
+            fn()
+        except Exception as e:  # noqa: BLE001 (whatever wandb raises: connection lost, service gone, ...)
+            print(redact(f"[wandb] {what} failed ({type(e).__name__}: {e}); W&B logging stops, metrics.jsonl goes on"),
+                  file=sys.stderr, flush=True)
+            self.run = None
 
     def log(self, record: dict, step: int) -> None:
-        self._guarded(lambda: self.run.log(record, step=step))
+        self._guard("log", lambda: self.run.log(record, step=step))
 
     def log_shards(self, label: str, export_dir: Path) -> None:
         """The shard set as an artifact: its manifest, and the weights by reference (not copied)."""
@@ -190,10 +192,11 @@ class WandbRun:
             art.add_file(str(export_dir / "manifest.json"))
             art.add_reference(f"file://{export_dir.resolve()}", name="weights", checksum=False)
             self.run.log_artifact(art)
-        self._guarded(log)
+        self._guard("artifact", log)
 
     def finish(self) -> None:
-        self._guarded(self.run.finish)
+        self._guard("finish", lambda: self.run.finish())
+        self.run = None
 
 
 @contextlib.contextmanager

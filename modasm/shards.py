@@ -38,7 +38,7 @@ def module_file(m: int) -> str:
     return f"module-{m:02d}.safetensors"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -100,7 +100,7 @@ def _save_shards(directory: Path, modules, *, model_cfg, layout, phase, step, re
         path = directory / module_file(m)
         _atomic_write(path, lambda tmp, s=state: save_file({k: v.contiguous() for k, v in s.items()}, str(tmp)))
         faults.file_written("export")
-        entries.append({"index": m, "file": path.name, "sha256": _sha256(path),
+        entries.append({"index": m, "file": path.name, "sha256": file_sha256(path),
                         "tensors": {k: list(v.shape) for k, v in sorted(state.items())}})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -190,7 +190,7 @@ def verify(directory: str | Path, *, model_cfg: ModelConfig, modules: list[int],
         path = directory / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: file of module {m} is missing")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != entry["sha256"]:
             raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
                              f"{entry['sha256'][:12]}… (corrupt or modified file); re-run the phase that wrote it")

@@ -454,7 +454,7 @@ class _Run:
         self.clock.tick()
         self.state.samples_read, self.state.bad_samples = self.health.read, self.health.bad
         self.state.wall_seconds, self.state.device_seconds = self.clock.wall, self.clock.device
-        wandb = self.log.wandb.run.id if self.log.wandb is not None else self.wandb_id
+        wandb = self.log.wandb.id if self.log.wandb is not None else self.wandb_id
         ds.save(self.eng, self.job.ckpt_dir, self.state.step, dataclasses.asdict(self.state), self.cfg.keep_ckpts,
                 self.info, marker={"fingerprint": self.job.fingerprint, "wandb_run_id": wandb})
 

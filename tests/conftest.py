@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,8 +44,96 @@ def launch_env(**extra) -> dict:
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
-def launch(script: str, *args: str, nproc: int = 0, timeout: int = 300, env=None):
+def run_cmd(cmd: list[str], timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group and capture its output. One that outlives ``timeout`` fails
+    the test with its output so far, and takes its whole group along (torchrun's ranks too: killing only
+    torchrun would leave them running, holding cores the next tests need)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=launch_env(**(env or {})), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(script: str, *args: str, nproc: int = 0, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
     """Run an entry point as a user would and capture its output."""
-    import subprocess
-    return subprocess.run(launch_cmd(script, *args, nproc=nproc), capture_output=True, text=True,
-                          timeout=timeout, env=launch_env(**(env or {})), cwd=ROOT)
+    return run_cmd(launch_cmd(script, *args, nproc=nproc), timeout, env)
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, output=lambda: ""):
+    """Poll ``condition()`` until true. Fails the test, naming ``what`` and showing ``output()``, when
+    ``timeout`` seconds pass or ``proc`` exits first; never lets a caller act on a state it did not reach."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited (code {proc.returncode}) before {what}:\n{output()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s:\n{output()[-3000:]}")
+        time.sleep(0.02)
+
+
+# Deadlines of waits for a launched process to reach a state. Generous: on a loaded 2-core CI machine a
+# torchrun launch can wait minutes for its ranks' imports (or for DeepSpeed's JIT op build lock); a wait
+# that runs out fails the test, so a long one only costs time when something is wrong.
+STARTUP_S = 600
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread in this process, as launch_env gives launched ones: an in-process run then
+    computes bit for bit what a launched process computes, so the two can be compared exactly."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_stop_request():
+    """A stop request (SIGUSR1 -> train.request_stop) is process-wide and stands until a training loop
+    acts on it: that is what a preemption notice between two phases of one process needs. In the test
+    process it would carry over into the next test's phase, so each test starts without one, and a test
+    that leaves one pending fails (it would have stopped whatever ran next)."""
+    train = sys.modules.get("modasm.train")  # not imported yet: nobody can have asked
+    if train is not None:
+        train._STOP["requested"] = False
+    yield
+    train = sys.modules.get("modasm.train")
+    if train is not None and train._STOP["requested"]:
+        train._STOP["requested"] = False
+        pytest.fail("the test left a stop request pending (train.request_stop() that no loop acted on)")
+
+
+def assert_export_is_master(export_dir: Path, ckpt_dir: Path, model_cfg, layout: list[int], bf16: bool) -> None:
+    """The shard set holds every tensor of the engine's fp32 master weights at the exported step: exactly,
+    or (bf16) exactly those rounded to bf16, as docs/method.md says ("shards hold the module's bf16-rounded
+    weights as fp32 tensors"). The master weights come from DeepSpeed's own zero_to_fp32 reading the phase's
+    final resume checkpoint (same step; every ZeRO partition gathered), not from the export path."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from modasm import model as M
+    from modasm.engine import complete_steps, tag
+    from modasm.shards import load_modules, read_manifest
+    manifest = read_manifest(export_dir)
+    step = manifest["step"]
+    assert complete_steps(ckpt_dir)[-1] == step, f"no resume checkpoint at the exported step {step}"
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag(step))
+    modules = [e["index"] for e in manifest["modules"]]
+    got, _ = load_modules(export_dir, model_cfg=model_cfg, modules=modules)
+    names = set()
+    for m in modules:
+        for local, v in got[m].items():
+            name = M.global_name(local, layout, m)
+            names.add(name)
+            want = master[name].bfloat16().float() if bf16 else master[name]
+            assert v.dtype == torch.float32, f"module {m} {local} exported as {v.dtype}"
+            same = torch.equal(v, want)
+            assert same, f"module {m} {local}: exported != master{' (bf16-rounded)' if bf16 else ''}, " \
+                         f"max |diff| {(v - want).abs().max().item():.3g}"
+    assert names == set(master), f"not exported: {sorted(set(master) - names)[:5]}"

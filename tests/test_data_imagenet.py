@@ -2,8 +2,8 @@
 TarWriter), exactly-once dealing over ranks and workers, resume, DeiT augmentation, bad samples."""
 import io
 import json
-import subprocess
 import sys
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import photos
-from conftest import ROOT, launch_env
+from conftest import ROOT, launch, run_cmd
 from modasm import phases, train
 from modasm.config import AugConfig, DataConfig, load_recipe
 from modasm.data import Bad, SeededMixup, TrainSampler, build_datasets, collate, image_transforms, train_loader
@@ -86,7 +86,7 @@ def test_two_ranks_two_workers_see_every_sample_once(data, tmp_path):
     tree, wds_dir, keys = data
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "tests" / "data_probe.py"), str(tree), str(wds_dir), str(tmp_path), "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
+    res = run_cmd(cmd)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for source in ("imagefolder", "webdataset"):
@@ -238,19 +238,27 @@ def test_mixup_soft_targets_are_seeded_and_smoothed():
 # ---------------------------------------------------------------- bad samples
 
 
-def _corrupt_shards(root, good: int, truncated: int, unlabeled: int, split: str):
-    """One shard written by webdataset's TarWriter: good JPEGs, truncated JPEGs, samples without label."""
-    jpegs = photos.jpegs(good + truncated + unlabeled, seed=5)
+def _shard_with_bad(root, split: str, n: int, bad: dict[int, str]):
+    """One shard of n samples written by webdataset's TarWriter; at the positions in ``bad`` a truncated JPEG
+    ("truncated") or a sample without label ("unlabeled")."""
+    jpegs = photos.jpegs(n, seed=5)
     root.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(root / f"{split}-000000.tar")) as w:
         for i, data in enumerate(jpegs):
             sample = {"__key__": f"s{i:03d}", "jpg": data, "cls": i % 4}
-            if good <= i < good + truncated:
+            if bad.get(i) == "truncated":
                 sample["jpg"] = data[:len(data) // 2]
-            elif i >= good + truncated:
+            elif bad.get(i) == "unlabeled":
                 del sample["cls"]
             w.write(sample)
     webds.index_shards([str(root / f"{split}-000000.tar")], split, root)
+
+
+def _corrupt_shards(root, good: int, truncated: int, unlabeled: int, split: str):
+    """good JPEGs, then truncated JPEGs, then samples without label."""
+    bad = {good + i: "truncated" for i in range(truncated)}
+    bad.update({good + truncated + i: "unlabeled" for i in range(unlabeled)})
+    _shard_with_bad(root, split, good + truncated + unlabeled, bad)
 
 
 @pytest.mark.slow
@@ -270,8 +278,31 @@ def test_bad_samples_are_skipped_counted_and_stop_the_phase(tmp_path, dist_info)
         phases.run_e2e(load_recipe(TINY_IMAGES, ov + ["run.name=strict", "data.max_bad_fraction=0.05"]), dist_info)
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_bad_samples_are_summed_over_two_ranks_and_two_workers(tmp_path):
+    """24 training samples, 2 ranks x 2 workers (stream_splits=2, micro-batch 4, 3 steps): rank r reads positions
+    12r..12r+11, its worker 0 the first 8 of them, worker 1 the last 4. One bad sample in each of the four
+    shares, so only the sum over the group of what every worker dropped makes 4."""
+    shards = tmp_path / "bad"
+    _shard_with_bad(shards, "train", 24, {2: "truncated", 9: "unlabeled", 14: "truncated", 21: "unlabeled"})
+    _shard_with_bad(shards, "val", 10, {1: "truncated", 8: "unlabeled"})  # ranks read 0-4 / 5-9
+    ov = [f"run.out_dir={tmp_path}", "data.source=webdataset", f"data.root={shards}", "e2e.epochs=1",
+          "data.num_workers=2"]
+    res = launch("e2e.py", str(TINY_IMAGES), *ov, nproc=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run = tmp_path / "tiny-images" / "e2e"
+    metrics = json.loads((run / "export" / "manifest.json").read_text())["metrics"]
+    assert metrics["world"] == 2 and metrics["steps"] == 3
+    assert (metrics["bad_samples"], metrics["eval_samples"], metrics["eval_bad_samples"]) == (4, 8, 2), metrics
+    recs = read_jsonl(run / "metrics.jsonl")
+    counts = [r["bad_samples"] for r in recs if r["kind"] == "train"]  # group totals so far, logged each step
+    assert len(counts) == 3 and counts == sorted(counts) and counts[-1] == 4, counts
+    assert [r["eval_bad_samples"] for r in recs if r["kind"] == "eval"] == [2]
+
+
 def test_bad_files_and_cut_shards_become_bad_records(data, tmp_path):
-    tree, wds_dir, _ = data
+    tree, wds_dir, keys = data
     classes, files, labels = scan_imagefolder(tree / "train")
     (tmp_path / "class0").mkdir()
     good = (tree / "train" / files[0]).read_bytes()
@@ -283,22 +314,34 @@ def test_bad_files_and_cut_shards_become_bad_records(data, tmp_path):
     assert batch.keys == ["class0/b"] and batch.x.shape == (1, 3, 32, 32)
     assert len(batch.bad) == 1 and batch.bad[0].key == "class0/a" and "truncated" in batch.bad[0].reason
 
-    # a shard cut in the middle: the samples after the cut are bad, named by shard and position
+    # a shard cut in the middle: the samples not wholly before the cut are bad, named by shard and position
     cut = tmp_path / "cut"
     cut.mkdir()
     for f in wds_dir.iterdir():
         (cut / f.name).write_bytes(f.read_bytes())
     shard = (cut / "train-000003.tar").read_bytes()
-    (cut / "train-000003.tar").write_bytes(shard[:len(shard) // 2])
+    at = len(shard) // 2
+    (cut / "train-000003.tar").write_bytes(shard[:at])
+    ends = {}  # sample key -> end of its last member's data in the intact shard
+    with tarfile.open(wds_dir / "train-000003.tar") as t:
+        for m in t.getmembers():
+            key = m.name.rsplit(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    index = webds.read_index(webds.index_path(wds_dir, "train"))
+    in_shard = index.keys[index.names.index("train-000003.tar")]
+    lost = [p for p, k in enumerate(in_shard) if ends[k] > at]
+    assert 0 < len(lost) < len(in_shard), "the cut is not inside the shard's samples"
     train_ds, _ = build_datasets(DataConfig(source="webdataset", root=str(cut), train_shards=f"{cut}/train-{{000000..000004}}.tar",
                                             stream_splits=1), 32, 0)
     loader = DataLoader(train_ds, batch_size=None)
     train_ds.configure(0, 1, 4, 0)
-    bad = [b for batch in loader for b in batch.bad]
-    got = sum(len(batch.keys) for batch in loader)
-    assert 0 < len(bad) < 10 and got + len(bad) == 48
-    assert all(isinstance(b, Bad) and b.where.endswith("train-000003.tar") and b.key.startswith("train-000003.tar#")
-               for b in bad)
+    batches = list(loader)
+    bad = [b for batch in batches for b in batch.bad]
+    got = [k for batch in batches for k in batch.keys]
+    assert sorted(b.key for b in bad) == sorted(f"train-000003.tar#{p}" for p in lost)
+    assert all(isinstance(b, Bad) and b.where == str(cut / "train-000003.tar") and b.reason.startswith("ReadError")
+               for b in bad), bad[:2]
+    assert sorted(got) == sorted(set(keys["train"]) - {in_shard[p] for p in lost})  # every other sample, once
 
 
 # ---------------------------------------------------------------- a phase on the image sources
@@ -306,10 +349,10 @@ def test_bad_files_and_cut_shards_become_bad_records(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
-def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_info, source):
+def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_info, source, monkeypatch, one_thread):
     tree, wds_dir, _ = data
     root = tree if source == "imagefolder" else wds_dir
-    ov = [f"data.source={source}", f"data.root={root}", "aug.repeated_aug=3"]
+    ov = [f"data.source={source}", f"data.root={root}", "aug.repeated_aug=3", "e2e.drop_path=0.1"]  # drop path: RNG resumed too
     straight = phases.run_e2e(load_recipe(TINY_IMAGES, ov + [f"run.out_dir={tmp_path / 'a'}"]), dist_info)
     assert straight["steps"] == 12 and straight["eval_samples"] == 14 and straight["bad_samples"] == 0
     recs = read_jsonl(tmp_path / "a" / "tiny-images" / "e2e" / "metrics.jsonl")
@@ -317,10 +360,16 @@ def test_phase_trains_with_deit_aug_and_resumes_exactly(data, tmp_path, dist_inf
     assert len(losses) == 12 and all(np.isfinite(losses)) and len({round(v, 6) for v in losses}) > 1
 
     interrupted = load_recipe(TINY_IMAGES, ov + [f"run.out_dir={tmp_path / 'b'}"])
-    train.request_stop()  # checkpoint after the first optimizer step, mid-epoch
+    (tmp_path / "stop").touch()  # checkpoint after the first optimizer step, mid-epoch
+    monkeypatch.setenv(train.STOP_FILE_ENV, str(tmp_path / "stop"))
     assert phases.run_e2e(interrupted, dist_info) == {"interrupted": True, "step": 1}
-    resumed = phases.run_e2e(interrupted, dist_info)
-    assert resumed["top1"] == straight["top1"] and resumed["eval_loss"] == straight["eval_loss"]
+    monkeypatch.delenv(train.STOP_FILE_ENV)
+    # the resume is a new process (one thread, as this one): only what is on disk carries over
+    res = launch("e2e.py", str(TINY_IMAGES), *ov, f"run.out_dir={tmp_path / 'b'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resuming from step 1/12" in res.stdout
+    resumed = json.loads((tmp_path / "b" / "tiny-images" / "e2e" / "export" / "manifest.json").read_text())["metrics"]
+    assert (resumed["top1"], resumed["eval_loss"]) == (straight["top1"], straight["eval_loss"]), "evaluates differently"
     from safetensors.torch import load_file
     for m in (0, 1):
         a = load_file(str(tmp_path / "a" / "tiny-images" / "e2e" / "export" / f"module-{m:02d}.safetensors"))

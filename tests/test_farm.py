@@ -1,19 +1,20 @@
 """Farmed incubation: one torchrun world split into module groups that train independently."""
 import json
+import os
 import shutil
 import signal
 import subprocess
 import threading
-import time
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, launch, launch_cmd, launch_env
+from conftest import ROOT, STARTUP_S, TINY, launch, launch_cmd, launch_env, wait_for
 from modasm import dist, phases
 from modasm.config import load_recipe
+from wandb_reader import offline_runs
 
 K4 = ["model.split=[1,1,1,1]"]
 
@@ -58,24 +59,37 @@ def _shards(out, k):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_farm_of_two_groups_matches_each_module_alone(meta4, tmp_path):
-    """4 ranks as 2 groups x 2 ranks == each module trained by 2 ranks alone (same seeds, fp32)."""
+    """4 ranks as 2 groups x 2 ranks == each module trained alone by 2 ranks, as a Slurm array task does
+    (--module k; the last one through SLURM_ARRAY_TASK_ID), same seeds, fp32: bit for bit."""
     farm = _copy_meta(meta4, tmp_path / "farm")
     res = launch("incubate.py", str(TINY), f"run.out_dir={farm}", *K4, "incubate.groups=2", nproc=4)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "group 1/2 (ranks 0-1): modules [0, 2]" in res.stdout
     assert "group 2/2 (ranks 2-3): modules [1, 3]" in res.stdout
     alone = _copy_meta(meta4, tmp_path / "alone")
-    res = launch("incubate.py", str(TINY), f"run.out_dir={alone}", *K4, "incubate.groups=1", nproc=2)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for k in range(4):
+        how = {"env": {"SLURM_ARRAY_TASK_ID": str(k)}} if k == 3 else {}
+        args = [] if k == 3 else ["--module", str(k)]
+        res = launch("incubate.py", str(TINY), f"run.out_dir={alone}", *K4, *args, nproc=2, **how)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        assert "[incubate] group" not in res.stdout  # array mode: no farm
+        trained = {j for j in range(4) if (alone / "tiny" / "incubate" / f"module-{j:02d}" / "export").exists()}
+        assert trained == set(range(k + 1)), f"array task {k} left module shard sets {sorted(trained)}"
     meta = load_file(str(meta4 / "tiny" / "meta" / "export" / "module-00.safetensors"))
     for k in range(4):
         a, b = _shards(alone, k), _shards(farm, k)
         assert a.keys() == b.keys()
         for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"module {k} {name}")
-        m = json.loads((farm / "tiny" / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").read_text())
-        assert m["metrics"]["world"] == 2 and m["metrics"]["eval_samples"] == 256
+            assert torch.equal(b[name], a[name]), f"module {k} {name}: the farm's differs from the array task's"
+        for out in (farm, alone):
+            m = json.loads((out / "tiny" / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").read_text())
+            assert m["metrics"]["world"] == 2 and m["metrics"]["eval_samples"] == 256
     assert not torch.equal(_shards(farm, 0)["blocks.0.attn.qkv.weight"], meta["blocks.0.attn.qkv.weight"])
+    # each group's first rank (global ranks 0 and 2) writes its modules' W&B runs, and only it: one run each
+    runs = offline_runs(farm / "tiny")
+    names = sorted(r["name"] for r in runs.values())
+    assert names == [f"incubate[{k}]" for k in range(4)], f"W&B runs (by id) of the farm: {names}"
+    assert all(len(r["files"]) == 1 for r in runs.values()), {r["name"]: r["files"] for r in runs.values()}
 
 
 @pytest.mark.multiproc
@@ -85,33 +99,44 @@ def test_group_finishes_while_the_other_is_frozen(meta4, tmp_path):
     evaluates and exports both its modules, which it could not if any collective crossed groups."""
     out = _copy_meta(meta4, tmp_path)
     proc = subprocess.Popen(launch_cmd("incubate.py", str(TINY), f"run.out_dir={out}", *K4, "incubate.groups=2", nproc=4),
-                            cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
+    output = lambda: "".join(lines)  # noqa: E731
     done = lambda k: (out / "tiny" / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").exists()  # noqa: E731
+    ranks = {}
     try:
-        deadline = time.time() + 120
-        while not any("group 2/2" in l for l in lines):
-            assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.02)
-        ranks = {int(c.environ()["RANK"]): c for c in psutil.Process(proc.pid).children(recursive=True)
-                 if "incubate.py" in " ".join(c.cmdline()) and "RANK" in c.environ()}
-        assert sorted(ranks) == [0, 1, 2, 3]
+        wait_for(lambda: any("group 2/2" in l for l in lines), STARTUP_S, "split into groups", proc, output)
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "incubate.py" in " ".join(c.cmdline()) and "RANK" in c.environ():
+                    ranks[int(c.environ()["RANK"])] = c
+            except psutil.NoSuchProcess:
+                pass
+        assert sorted(ranks) == [0, 1, 2, 3], f"ranks found under torchrun: {sorted(ranks)}\n{output()[-3000:]}"
         for r in (2, 3):
             ranks[r].send_signal(signal.SIGSTOP)
-        deadline = time.time() + 240
-        while not (done(0) and done(2)):
-            assert time.time() < deadline, "group 1 did not finish while group 2 was frozen:\n" + "".join(lines)[-3000:]
-            time.sleep(0.2)
+        assert not done(1) and not done(3), "group 2 finished a module before it was frozen"
+        wait_for(lambda: done(0) and done(2), STARTUP_S, "group 1's modules 0 and 2 while group 2 was frozen",
+                 proc, output)
         assert not done(1) and not done(3)
         for r in (2, 3):
             ranks[r].send_signal(signal.SIGCONT)
-        assert proc.wait(timeout=240) == 0, "".join(lines)[-3000:]
+        try:
+            proc.wait(timeout=STARTUP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launch did not end within {STARTUP_S} s after group 2 was resumed:\n{output()[-3000:]}")
+        assert proc.returncode == 0, output()[-3000:]
     finally:
         if proc.poll() is None:
-            for c in psutil.Process(proc.pid).children(recursive=True):
-                c.send_signal(signal.SIGCONT)
-            proc.kill()
-    reader.join(timeout=10)
+            for c in ranks.values():
+                try:
+                    c.send_signal(signal.SIGCONT)
+                except psutil.NoSuchProcess:
+                    pass
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=30)
     assert all(done(k) for k in range(4))

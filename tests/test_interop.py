@@ -113,7 +113,7 @@ def test_imported_checkpoints_give_the_paper_models_logits(tmp_path, dist_info, 
     interop.import_paper(recipe, save_paper(tmp_path / "meta.pth", meta, [1] * K), "meta")
     same_logits(evaluate.build_from_shards(recipe, "meta"), meta, x)
 
-    hybrids, incubated = [], []
+    incubated = []
     for k in range(K):
         layout = M.hybrid_layout(cfg.split, k)
         hybrid = paper_vit(sum(layout), seed=10 + k, **kw)

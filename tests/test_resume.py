@@ -1,14 +1,24 @@
-"""Re-runs: a stop request checkpoints; changed settings are refused, never silently mixed."""
+"""Re-runs: a stop request checkpoints; changed settings are refused, never silently mixed; the resume runs in
+a new process, as after a preemption, and ends where an uninterrupted run ends."""
+import json
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from modasm import phases, train
+from conftest import TINY, launch
+from modasm import phases
 from modasm.engine import complete_steps
+from modasm.train import STOP_FILE_ENV
 
 
-def test_stop_then_resume_and_changed_settings_are_refused(tiny, dist_info):
+def test_stop_then_resume_and_changed_settings_are_refused(tiny, dist_info, tmp_path, monkeypatch, one_thread):
     recipe = tiny("data.train_limit=256")
-    train.request_stop()  # what SIGUSR1 does: checkpoint at the next optimizer step and return
+    stop = tmp_path / "stop"
+    stop.touch()  # what the Slurm scripts do on the time-limit signal: checkpoint at the next optimizer step
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop))
     first = phases.run_e2e(recipe, dist_info)
+    monkeypatch.delenv(STOP_FILE_ENV)
     assert first == {"interrupted": True, "step": 1}
     ckpt = phases.phase_dir(recipe, "e2e") / "ckpt"
     assert complete_steps(ckpt) == [1]
@@ -17,8 +27,20 @@ def test_stop_then_resume_and_changed_settings_are_refused(tiny, dist_info):
         phases.run_e2e(tiny("data.train_limit=256", "e2e.lr=3e-3"), dist_info)
     assert complete_steps(ckpt) == [1]  # the refused run touched nothing
 
-    done = phases.run_e2e(tiny("data.train_limit=256", "e2e.log_every_steps=1"), dist_info)  # inert key
+    # the resume is a new process: nothing but what is on disk carries over
+    res = launch("e2e.py", str(TINY), f"run.out_dir={tmp_path}", "data.train_limit=256",
+                 "e2e.log_every_steps=1")  # an inert key may change
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resuming from step 1/4" in res.stdout
+    done = json.loads((phases.export_dir(recipe, "e2e") / "manifest.json").read_text())["metrics"]
     assert done["steps"] == 4 and complete_steps(ckpt)[-1] == 4
+    # ... and ends with the weights of a run never interrupted (this process, one thread as the launch)
+    straight = phases.run_e2e(tiny("data.train_limit=256", "run.name=straight"), dist_info)
+    for m in range(2):
+        a = load_file(str(phases.export_dir(recipe, "e2e") / f"module-{m:02d}.safetensors"))
+        b = load_file(str(tmp_path / "straight" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after resume"
+    assert straight["top1"] == done["top1"] and straight["eval_loss"] == done["eval_loss"]
 
     with pytest.raises(ValueError, match=r"export was made with other settings \(e2e\.epochs: 1 -> 2\)"):
         phases.run_e2e(tiny("data.train_limit=256", "e2e.epochs=2"), dist_info)

@@ -149,7 +149,7 @@ def test_every_flipped_manifest_byte_is_refused(run):
     d = module_export(run_dir, 1)
     original = (d / "manifest.json").read_bytes()
     accepted = []
-    for i in range(0, len(original), 3):
+    for i in range(len(original)):  # every byte (~5 000 verifications: a few seconds)
         data = bytearray(original)
         data[i] ^= 0x01
         (d / "manifest.json").write_bytes(bytes(data))

@@ -6,14 +6,17 @@ each fake GPU Slurm hands a job becomes one gloo rank.
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, launch, launch_env
+from conftest import ROOT, TINY, launch, launch_cmd, launch_env
 from modasm import phases
 from modasm.config import fingerprint, load_recipe
 
@@ -104,30 +107,55 @@ def with_meta(tmp_path, dist_info):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, with_meta):
-    """The time-limit signal (B:USR1) to a running incubation: checkpoint, requeue, resume, finish."""
+    """The time-limit signal (B:USR1) to a running incubation: checkpoint, requeue, resume, finish, and end
+    with exactly the weights of the same incubation never interrupted."""
     run = with_meta / "tiny"
     log = with_meta / "incubate.out"
-    ov = [f"run.out_dir={with_meta}", "data.train_limit=8192", "incubate.epochs=2", "incubate.log_every_steps=1"]
-    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/incubate.sh", str(TINY), *ov],
-                         cwd=ROOT, env=slurm_env(gpus=1), capture_output=True, text=True, check=True).stdout.strip()
-    metrics = run / "incubate" / "module-01" / "metrics.jsonl"  # K=2 on one rank: module 1 (deeper) first
-    deadline = time.time() + 300
-    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
-        assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    states = wait([job])
+    ov = ["data.train_limit=8192", "incubate.epochs=2", "incubate.log_every_steps=1"]
+    # the uninterrupted reference: the same phase as one rank (what the 1-GPU job runs), on the other core
+    # while the job runs; it starts from the same meta shards
+    ref = with_meta / "ref"
+    shutil.copytree(run / "meta", ref / "tiny" / "meta")
+    ref_log = with_meta / "ref.out"
+    with open(ref_log, "w") as f:
+        straight = subprocess.Popen(launch_cmd("incubate.py", str(TINY), f"run.out_dir={ref}", *ov), cwd=ROOT,
+                                    env=launch_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/incubate.sh", str(TINY),
+                              f"run.out_dir={with_meta}", *ov], cwd=ROOT, env=slurm_env(gpus=1),
+                             capture_output=True, text=True, check=True).stdout.strip()
+        metrics = run / "incubate" / "module-01" / "metrics.jsonl"  # K=2 on one rank: module 1 (deeper) first
+        deadline = time.time() + 600
+        while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+            assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, \
+                "no training step logged: " + (log.read_text()[-3000:] if log.exists() else "(no job output yet)")
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        states = wait([job])
+        straight.wait(timeout=900)
+    finally:
+        if straight.poll() is None:
+            os.killpg(straight.pid, signal.SIGKILL)
+            straight.wait()
     text = log.read_text()
     assert state(states, job) == "COMPLETED", text[-4000:]
     assert states[job][0]["Restarts"] == "1"
     assert "restart 0:" in text and "restart 1:" in text  # SLURM_RESTART_COUNT of each run
     saved = re.search(r"\[incubate\[1\]\] stop requested: saved step (\d+)", text)
     assert saved, text[-4000:]
+    assert 0 < int(saved.group(1)) < 256
     assert f"[incubate[1]] resuming from step {saved.group(1)}/256" in text
     assert "[incubate[0]]" not in text[:text.index("restart 1:")]  # the stop ended the job, not only module 1
-    for k in (0, 1):
-        assert (run / "incubate" / f"module-{k:02d}" / "export" / "manifest.json").exists()
     assert not any((ROOT / "runs" / ".stop").glob(f"job-{job}"))
+    assert straight.returncode == 0, ref_log.read_text()[-3000:]
+    for k in (0, 1):
+        a = run / "incubate" / f"module-{k:02d}" / "export"
+        b = ref / "tiny" / "incubate" / f"module-{k:02d}" / "export"
+        assert (a / "manifest.json").exists()
+        x, y = load_file(str(a / f"module-{k:02d}.safetensors")), load_file(str(b / f"module-{k:02d}.safetensors"))
+        assert x.keys() == y.keys()
+        for name in x:
+            assert torch.equal(x[name], y[name]), f"module {k} {name} after the requeue differs from the uninterrupted run's"
 
 
 def test_failed_array_task_keeps_assemble_from_running(cluster, with_meta):
@@ -171,9 +199,10 @@ def test_rendezvous_host_is_the_jobs_first_node(cluster):
 
 
 def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
-    """Preemption / scancel: SIGTERM to every process of a running phase's job. The ranks save at their next step
-    (not at the epoch's end), the job requeues, and the rerun resumes from that step to the weights of an
-    uninterrupted run."""
+    """Preemption: SIGTERM to the job's steps (what Slurm sends at preemption with a GraceTime, as
+    `scancel --signal=TERM`; torchrun forwards it too). The ranks save at their next step (not at the epoch's
+    end), the job requeues itself (the batch shell never saw the signal: the ranks' marker tells it), and the
+    rerun resumes from that step to the weights of an uninterrupted run."""
     ov = [str(TINY), "data.train_limit=8192", "e2e.log_every_steps=1"]
     ref = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'ref'}", timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -186,11 +215,11 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, t
         assert time.time() < deadline, "no training step in 300 s:\n" + (log.read_text()[-3000:] if log.exists() else "")
         assert job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
     states = wait([job])
     text = log.read_text()
     assert state(states, job) == "COMPLETED" and states[job][0]["Restarts"] == "1", text[-4000:]
-    assert "[slurm] TERM: asking the ranks to checkpoint" in text
+    assert f"[slurm] requeueing job {job}" in text
     saved = int(re.search(r"\[e2e\] stop requested: saved step (\d+)", text).group(1))
     assert 3 <= saved < 128, text[-3000:]  # at a step, not at the end of the epoch (128 steps)
     assert f"[e2e] resuming from step {saved}/128" in text

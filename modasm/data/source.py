@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .contract import collate
@@ -25,10 +26,15 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 def worker_options(workers: int, start_method: str | None) -> dict:
     """DataLoader options of ``workers`` worker processes started by ``start_method`` (None: Python's default;
-    everything a worker receives pickles, so spawn and forkserver work)."""
-    if not workers:
-        return {"num_workers": 0}
-    return {"num_workers": workers, "worker_init_fn": ignore_stop_signals, "multiprocessing_context": start_method}
+    everything a worker receives pickles, so spawn and forkserver work).
+
+    Every loader has its own generator: each iterator draws its workers' base seed from it; drawn from the
+    global RNG it would shift the drop-path stream of a run resumed mid-epoch (whose iterator is made after
+    the RNG restore)."""
+    options = {"num_workers": workers, "generator": torch.Generator()}
+    if workers:
+        options.update(worker_init_fn=ignore_stop_signals, multiprocessing_context=start_method)
+    return options
 
 
 class MapSource(Dataset):
