@@ -40,15 +40,16 @@ OLD = {  # nodeid: (fault, how it is injected, what the test checks)
         "a lone process SIGKILLed between checkpoints", "SIGKILL from the test after the first COMPLETE marker",
         "re-run resumes from the newest complete checkpoint; shards equal an uninterrupted run's bit for bit"),
     "tests/test_resume.py::test_stop_then_resume_and_changed_settings_are_refused": (
-        "a stop request, then re-runs with other settings", "train.request_stop (what SIGUSR1 does); changed lr, "
-        "epochs, width", "checkpoint at the next step; a checkpoint or shard set of other settings refused, naming "
-        "the key; an inert key resumes"),
+        "a stop request, then re-runs with other settings", "the stop file (what the Slurm scripts touch); changed "
+        "lr, epochs, width", "checkpoint at the next step; a checkpoint or shard set of other settings refused, "
+        "naming the key; the resume equals an uninterrupted run"),
     "tests/test_resume.py::test_an_epoch_with_fewer_batches_than_planned_is_an_error": (
         "training data shrinks under a running phase", "a loader cut to 3 of 4 micro-batches",
         "UserError naming the epoch and the counts; the epoch is never re-entered"),
     "tests/test_multiproc.py::test_stop_signal_to_one_rank_checkpoints_all_and_resumes": (
         "a stop signal reaching one rank of two", "SIGUSR1 to rank 1 under torchrun",
-        "all ranks save one complete checkpoint together and exit 0; re-run resumes"),
+        "all ranks save one complete checkpoint together and exit 0; the re-run ends with an uninterrupted run's "
+        "weights"),
     "tests/test_cluster.py::test_a_module_stopped_on_two_ranks_resumes_on_one": (
         "a requeued job gets another rank count", "stop file on a 2-rank ZeRO-2 incubation, resume on 1 rank",
         "universal checkpoint conversion; ends within 1e-5 of an uninterrupted 2-rank run"),
@@ -65,7 +66,7 @@ OLD = {  # nodeid: (fault, how it is injected, what the test checks)
         "the job's time limit", "scancel --signal=USR1 --batch (sbatch --signal=B:USR1)",
         "checkpoint, requeue, resume at the saved step, finish"),
     "tests/test_slurm.py::test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights": (
-        "preemption / scancel", "scancel --signal=TERM --full",
+        "preemption", "SIGTERM to the job's steps (scancel --signal=TERM)",
         "save at the next step, requeue, resume; weights equal an uninterrupted run's"),
     "tests/test_slurm.py::test_failed_array_task_keeps_assemble_from_running": (
         "one array task fails", "a stale checkpoint of other settings in module 1's directory",
