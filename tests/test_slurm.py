@@ -231,7 +231,8 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after the requeue"
 
 
-def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster, tmp_path, record_property):
+def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster, tmp_path, dist_info, one_thread,
+                                                                        record_property):
     """A node that dies under a running phase: every process of the job (batch shell, srun, torchrun, the rank, W&B's
     service) SIGKILLed at once, so no trap runs and nothing is saved; then `scontrol requeue`. (Not `scancel
     --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first, and the ranks save at their next step, as
@@ -253,8 +254,9 @@ def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster,
                   "one W&B run id, the last start logs every step; no secret in the log or the run directory")
     url = f"pipe:curl -s https://example.invalid/train-0.tar?token={SECRETS['HF_TOKEN']}"
     ov = [str(TINY), "data.train_limit=8192", "e2e.ckpt_every_steps=8", f"data.train_shards={url}"]
-    ref = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'ref'}", timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the uninterrupted run, in this process (one thread: what the job's process computes)
+    phases.run_e2e(load_recipe(TINY, [*ov[1:], f"run.out_dir={tmp_path / 'ref'}", "logging.wandb.mode=disabled"]),
+                   dist_info)
     log, run = tmp_path / "e2e.out", tmp_path / "cut" / "tiny"
     ckpt = run / "e2e" / "ckpt"
     job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/e2e.sh", *ov, f"run.out_dir={run.parent}"],
