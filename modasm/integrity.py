@@ -135,7 +135,7 @@ def _broadcast(obj, info):
 
 def seal(directory: Path, marker: dict, written: list[Path], info) -> None:
     """Collective: every rank digests the files it wrote; the main rank writes the signed marker."""
-    mine = {p.relative_to(directory).as_posix(): sha256(p) for p in written}
+    mine = {p.relative_to(directory).as_posix(): sha256(p) for p in written if p.is_relative_to(directory)}
     every = {}
     for part in _gather(mine, info):
         every.update(part)
