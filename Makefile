@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast bench-data bench-speed bench-farm bench-step gpu-bundle gpu-check-dry shards clean
+.PHONY: setup data demo test test-fast reliability-report bench-data bench-speed bench-farm bench-step gpu-bundle gpu-check-dry shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -44,6 +44,11 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# docs/reliability.md: the fault-injection, refusal and resume tests run, their outcomes as one table (the Slurm
+# ones need root; ARGS='-m "not slurm"' leaves them out)
+reliability-report: setup data
+	$(BIN)/python tests/reliability_report.py $(ARGS)
 
 # Decode + augment throughput of the ImageFolder and webdataset paths, every data.backend that runs here
 # (img/s per core; docs/benchmarks.md). DALI rows need nvidia-dali-cuda130 (the test extra installs it).

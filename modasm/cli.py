@@ -7,6 +7,7 @@ import sys
 
 from .config import Recipe, describe, load_recipe
 from .errors import UserError
+from .redact import redact
 
 
 def parse(description: str, add_args=None, argv=None) -> tuple[argparse.Namespace, Recipe]:
@@ -26,7 +27,7 @@ def parse(description: str, add_args=None, argv=None) -> tuple[argparse.Namespac
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except UserError as e:
-        p.exit(2, f"error: {e}\n")
+        p.exit(2, redact(f"error: {e}\n"))
     return args, recipe
 
 
@@ -39,13 +40,23 @@ def main(run) -> None:
     # torchrun, which forwards it): checkpoint at the next optimizer step and exit. A second SIGTERM kills.
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    # Past a file size limit (ulimit -f) a write fails (EFBIG) and is reported like a full disk, instead of the
+    # default SIGXFSZ killing the process with a core dump mid-checkpoint.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    sys.excepthook = _redacted_traceback  # secrets of the environment never reach a log, not even in a traceback
     try:
         run()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(redact(f"error: {e}"), file=sys.stderr, flush=True)
         dist.shutdown()
         raise SystemExit(2)
     dist.shutdown()
+
+
+def _redacted_traceback(kind, value, tb) -> None:
+    import traceback
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
+    sys.stderr.flush()
 
 
 def phase_main(description: str, phase: str) -> None:

@@ -200,8 +200,13 @@ class PhaseConfig:
     ckpt_every_steps: int = _f(0, "Save resume state every N optimizer steps (0: at epoch ends only).")
     keep_ckpts: int = _f(2, "Resume checkpoints kept per phase (older complete ones are removed).")
     log_every_steps: int = _f(20, "Print and log a training line every N optimizer steps.")
+    max_nonfinite_steps: int = _f(0, "Optimizer steps with a non-finite loss or gradient norm that may be skipped (the "
+                                  "weights left unchanged, as mixed-precision loss scalers do) in the whole phase; one "
+                                  "more stops the phase at that step, saving nothing from it. 0: stop at the first.")
 
     def __post_init__(self):
+        if self.max_nonfinite_steps < 0:
+            raise UserError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         for k in ("epochs", "batch_size", "accum_steps", "eval_every_epochs", "keep_ckpts", "log_every_steps"):
             if getattr(self, k) < 1:
                 raise UserError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -471,6 +476,7 @@ _INERT = {"run.out_dir", "run.name", "run.peak_tflops", "data.num_workers", "dat
           "data.train_shards", "data.val_shards", "data.max_bad_fraction",
           "deepspeed.overlap_comm", "deepspeed.contiguous_gradients"}  # (these two: when gradients move, not what they sum to)
 _INERT_PHASE = {"log_every_steps", "keep_ckpts", "ckpt_every_steps", "eval_every_epochs",
+                "max_nonfinite_steps",  # only decides whether a run stops; a re-run may raise it and resume
                 "groups",  # how incubation is farmed out does not change a module's result
                 "init_from"}  # where the init shard set lies; its content counts (init_from_sha256)
 _UPSTREAM = {"meta": ("meta",), "incubate": ("meta", "incubate"),
@@ -486,7 +492,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def fingerprint(recipe: dict, section: str) -> dict:
-    """The recipe keys a phase's result depends on (its own and upstream sections, model, data, seed)."""
+    """The recipe keys a phase's result depends on (its own and upstream sections, model, data, seed).
+
+    Secrets from the environment are redacted (``$NAME``), as in every manifest and marker it goes into."""
+    from .redact import redact
+    recipe = redact(recipe)
     keep = {}
     for key, value in flatten(recipe).items():
         top, _, leaf = key.partition(".")

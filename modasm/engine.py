@@ -3,13 +3,13 @@
 Every phase trains through a real DeepSpeed engine (ZeRO stage, bf16/fp32, gradient clipping and
 accumulation from the recipe). Resume state is DeepSpeed's own checkpoint, saved under
 ``ckpt/step-XXXXXXXX`` with a ``COMPLETE`` marker written after every rank has saved; the newest
-complete step is found by number. (DeepSpeed's loader unpickles: resume state is only ever the
-run's own output. Hand-offs between phases are safetensors shard sets, see shards.py.)
+complete step is found by number. DeepSpeed's loader unpickles, so the marker records every file's digest
+and is signed (integrity.py): a checkpoint is verified before DeepSpeed loads or converts it. (Hand-offs
+between phases are safetensors shard sets, see shards.py.)
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # name DeepSpeed's CPU accelerator instead of
 
 import deepspeed  # noqa: E402
 
+from . import faults, integrity  # noqa: E402
 from .config import DeepSpeedConfig, PhaseConfig  # noqa: E402
 from .dist import DistInfo, barrier  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -30,7 +31,7 @@ from .model import param_groups  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 CKPT_PREFIX = "step-"
-COMPLETE = "COMPLETE"
+COMPLETE = integrity.COMPLETE
 
 
 @dataclass(frozen=True)
@@ -161,18 +162,48 @@ def input_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
-def grad_norm_before_step(engine) -> float | None:
-    """Global gradient norm (before clipping) where the plain fp32 engine leaves grads on the params.
+def grads_on_params(engine) -> bool:
+    """True for the plain fp32 engine, which leaves the (reduced) gradients on the parameters until its step.
+    ZeRO and bf16 engines keep them in their own buffers, check them for inf/NaN themselves and skip such a
+    step (``was_step_applied()`` is False after it; the norm they report is inf)."""
+    return not (engine.zero_optimization() or engine.bfloat16_enabled())
 
-    ZeRO and bf16 engines keep gradients in their own buffers and report the norm themselves
-    (``get_global_grad_norm`` after the step); for those this returns None.
-    """
-    if engine.zero_optimization() or engine.bfloat16_enabled():
+
+def grad_norm_before_step(engine) -> torch.Tensor | None:
+    """Global gradient norm (before clipping) where the plain fp32 engine leaves grads on the params, as a
+    0-dim tensor on the device (reading it is the caller's host sync); None for the other engines, which
+    report the norm themselves (``get_global_grad_norm`` after the step)."""
+    if not grads_on_params(engine):
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))  # no host sync
+
+
+def weights_finite(engine) -> torch.Tensor:
+    """A device flag: every trainable weight this rank holds is finite (its ZeRO-3 partition). Read at a save."""
+    local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters() if p.requires_grad]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.ones((), dtype=torch.bool, device=engine.device)
+    return torch.stack([torch.isfinite(t).all() for t in local]).all()
+
+
+@contextlib.contextmanager
+def step_skipped(engine):
+    """The plain engine's ``step()`` in this block changes no weight and no optimizer state (a skipped step);
+    DeepSpeed still clips and zeroes the gradients and counts the step, so its accumulation stays in line."""
+    opt = engine.optimizer
+    had, inner = "step" in opt.__dict__, opt.step
+    opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if had:
+            opt.step = inner
+        else:
+            del opt.step
 
 
 def master_state(engine) -> dict[str, torch.Tensor]:
@@ -241,30 +272,107 @@ def _rng_file(ckpt_dir: Path, step: int, rank: int) -> Path:
     return ckpt_dir / tag(step) / f"rng-rank{rank:05d}.pt"
 
 
+@contextlib.contextmanager
+def _recorded(engine):
+    """The files DeepSpeed's checkpoint engine writes in this block (each rank its own), for the marker's
+    digests; each one also counts for MODASM_FAULT_KILL_IN_CKPT (faults.py)."""
+    ce, written = engine.checkpoint_engine, []
+    had = "save" in ce.__dict__
+    inner = ce.save
+
+    def save(state_dict, path):
+        inner(state_dict, path)
+        written.append(Path(path))
+        faults.file_written("ckpt")
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if had:
+            ce.save = inner
+        else:
+            del ce.save
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _needed_bytes(engine, ckpt_dir: Path) -> int:
+    """About what a checkpoint takes: the newest complete one's size, else fp32 weights + AdamW's two moments."""
+    steps = complete_steps(ckpt_dir)
+    if steps:
+        return _size(ckpt_dir / tag(steps[-1]))
+    return 3 * 4 * sum(p.numel() for p in engine.module.parameters())
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info: DistInfo,
          marker: dict | None = None) -> None:
-    """Every rank saves (its own RNG too); then the main rank marks the step complete (with the world size
-    that saved it) and prunes."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, _rng_file(ckpt_dir, step, info.rank))
+    """Every rank saves (its own RNG too) and digests what it wrote; then the main rank seals the step (a
+    signed ``COMPLETE`` marker with every file's digest and the world size that saved it) and prunes.
+
+    A failure for lack of space is one line naming the path and the bytes needed; the step's partial files
+    are removed and the previous checkpoints are untouched."""
+    d = ckpt_dir / tag(step)
+    needed = _needed_bytes(engine, ckpt_dir)
+    if info.is_main and d.exists():  # a step is saved once: what is there is what a killed save left
+        shutil.rmtree(d)
     barrier(info)
+    faults.ckpt_started(step)
+    try:
+        with _recorded(engine) as written:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag(step), client_state=client_state, save_latest=False)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, _rng_file(ckpt_dir, step, info.rank))
+        written.append(_rng_file(ckpt_dir, step, info.rank))
+        faults.file_written("ckpt")
+        barrier(info)
+        integrity.seal(d, {"step": step, "world": info.world, **(marker or {})}, written, info)
+    except Exception as e:  # re-raised unless it is a lack of space
+        prev = complete_steps(ckpt_dir)
+        err = integrity.space_error(e, d, needed, f"the checkpoint of step {step}", (
+            f"the partial checkpoint was removed and " + (f"the newest complete one (step {prev[-1]}) is intact"
+                                                           if prev else "there is no earlier checkpoint") +
+            ": free space (or raise the quota) and re-run the same command to resume"
+            + (f" from step {prev[-1]}" if prev else "")))
+        if err is None:
+            raise
+        shutil.rmtree(d, ignore_errors=True)
+        raise err from e
     if info.is_main:
-        (ckpt_dir / tag(step) / COMPLETE).write_text(json.dumps({"step": step, "world": info.world, **(marker or {})}))
-        for old in complete_steps(ckpt_dir)[:-keep]:
-            shutil.rmtree(ckpt_dir / tag(old), ignore_errors=True)
-            shutil.rmtree(ckpt_dir / _universal_tag(old), ignore_errors=True)
+        _prune(ckpt_dir, keep, step)
     barrier(info)
+
+
+def _prune(ckpt_dir: Path, keep: int, current: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and their universal forms); remove the rest, including
+    what killed saves and conversions left (never complete, never loaded)."""
+    kept = set(complete_steps(ckpt_dir)[-keep:]) | {current}
+    for d in ckpt_dir.iterdir():
+        name = d.name.lstrip(".")
+        if not (d.is_dir() and name.startswith(CKPT_PREFIX)):
+            continue
+        try:
+            step = int(name[len(CKPT_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if step not in kept or d.name.startswith("."):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def latest(ckpt_dir: Path) -> tuple[int, dict] | None:
-    """(step, marker) of the newest complete checkpoint, or None."""
+    """(step, marker) of the newest complete checkpoint, or None. Not yet verified: see ``verify``."""
     steps = complete_steps(ckpt_dir)
     if not steps:
         return None
-    return steps[-1], json.loads((ckpt_dir / tag(steps[-1]) / COMPLETE).read_text())
+    return steps[-1], integrity.read_marker(ckpt_dir / tag(steps[-1]))
+
+
+def verify(ckpt_dir: Path, step: int, marker: dict, info: DistInfo) -> None:
+    """Collective: checkpoint ``step`` is the one this machine saved, file for file, or CheckpointError."""
+    integrity.verify(ckpt_dir / tag(step), marker, info)
 
 
 # A checkpoint of ZeRO-1/2/3 or bf16 (DeepSpeed's bf16 optimizer) holds optimizer state partitioned over the
@@ -284,8 +392,13 @@ def needs_universal(ckpt_dir: Path, step: int, marker: dict, world: int) -> bool
 
 
 def to_universal(ckpt_dir: Path, step: int, info: DistInfo) -> None:
-    """Convert checkpoint ``step`` (once; on the main rank while the others wait) to the universal format."""
+    """Convert checkpoint ``step`` (once; on the main rank while the others wait) to the universal format.
+
+    The conversion unpickles every file of the checkpoint: call it after ``verify``. Its output is sealed like
+    a checkpoint, and verified before it is loaded."""
     out = ckpt_dir / _universal_tag(step)
+    if info.is_main and (out / COMPLETE).is_file() and integrity.problem(out) is not None:
+        shutil.rmtree(out)  # derived from the verified checkpoint: made again rather than trusted (or refused)
     if info.is_main and not (out / COMPLETE).is_file():
         from deepspeed.checkpoint import ds_to_universal
         tmp = ckpt_dir / f".{_universal_tag(step)}.tmp"
@@ -296,9 +409,11 @@ def to_universal(ckpt_dir: Path, step: int, info: DistInfo) -> None:
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         with open(ckpt_dir / "universal.log", "a") as log, contextlib.redirect_stdout(log):
             ds_to_universal.main(args)
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "from": tag(step)}))
+        integrity.write_marker(tmp, {"step": step, "from": tag(step)}, {})
         os.replace(tmp, out)
     barrier(info)
+    out_marker = integrity.read_marker(out) if info.is_main else {}
+    integrity.verify(out, out_marker, info)
 
 
 def load(engine, ckpt_dir: Path, step: int, info: DistInfo, universal: bool = False) -> dict:

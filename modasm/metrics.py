@@ -7,7 +7,9 @@ only them); W&B mirrors them for dashboards.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .errors import UserError
+from .redact import redact
 
 
 class CostClock:
@@ -108,12 +111,17 @@ class Progress:
 # ---------------------------------------------------------------- W&B
 
 
+# W&B's service process, when this process was started by one that runs W&B itself (its address is inherited).
+_INHERITED_SERVICE = os.environ.get("WANDB_SERVICE")
+
+
 def wandb_mode(configured: str) -> str:
     return os.environ.get("WANDB_MODE", configured)
 
 
 def wandb_run_id(group: str, label: str, out: Path) -> str:
-    """Stable per phase output: re-running (resuming) a phase continues the same W&B run."""
+    """The W&B run id of a phase's first start (stable per phase output). A resumed phase continues the id
+    recorded in its checkpoint (``WandbRun(run_id=...)``), whatever this gives then."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{group}-{label}").strip("-")
     return f"{slug}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]}"
 
@@ -121,31 +129,48 @@ def wandb_run_id(group: str, label: str, out: Path) -> str:
 class WandbRun:
     """One W&B run per phase (per module for incubation), grouped per pipeline, job_type = phase."""
 
-    def __init__(self, cfg, *, run_dir: Path, group: str, job_type: str, label: str, out: Path, config: dict):
+    def __init__(self, cfg, *, run_dir: Path, group: str, job_type: str, label: str, out: Path, config: dict,
+                 run_id: str | None = None):
+        """``run_id``: the run a resumed phase continues (kept with its resume state); None: a first start."""
         import wandb  # imported only when used: a disabled logger costs nothing
         mode = wandb_mode(cfg.mode)
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
             raise UserError("logging.wandb.mode is 'online' but no W&B API key is configured: run `wandb login` "
                              "or set WANDB_API_KEY, or keep mode 'offline' and `wandb sync` the runs later")
         run_dir.mkdir(parents=True, exist_ok=True)
+        if _INHERITED_SERVICE and os.environ.get("WANDB_SERVICE") == _INHERITED_SERVICE:
+            # a service of our own, which ends with this process: a parent's would outlive a SIGKILLed phase and
+            # keep its run id "in use", and the resumed phase would have to log to another run
+            os.environ.pop("WANDB_SERVICE")
         self.wandb, self.group = wandb, group
         kw = dict(mode=mode, project=cfg.project, entity=cfg.entity or None, group=group, job_type=job_type,
-                  name=label, config=config, dir=str(run_dir),
+                  name=label, config=redact(config), dir=str(run_dir),
                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
-        run_id = wandb_run_id(group, label, out)
-        try:
-            self.run = wandb.init(id=run_id, resume="allow", **kw)
-        except Exception as e:  # a killed predecessor's W&B service may still hold the id for a while
-            if "in use" not in str(e):
-                raise
-            self.run = wandb.init(id=f"{run_id}-{int(time.time())}", **kw)
+        run_id = run_id or wandb_run_id(group, label, out)
+        with _redacted_argv():  # W&B records the command line
+            self.run = self._init(run_id, kw)
+        self.id = self.run.id  # kept with the resume state (also after a failure ends the mirror)
         # accuracy charts default to the cost axis: cumulative device-hours of the whole pipeline
         self.run.define_metric("cost/pipeline_device_hours")
         self.run.define_metric("eval/*", step_metric="cost/pipeline_device_hours", step_sync=True)
 
+    def _init(self, run_id: str, kw: dict, waits: tuple = (1, 2, 4, 8)):
+        for wait in waits:
+            try:
+                return self.wandb.init(id=run_id, resume="allow", **kw)
+            except Exception as e:  # online: a killed predecessor may hold the id on the server for a while
+                if "in use" not in str(e):
+                    raise
+                time.sleep(wait)
+        other = f"{run_id}-{int(time.time())}"
+        print(f"[wandb] run {run_id} is still in use after {sum(waits)} s; logging to run {other} instead (a separate "
+              "curve; the phase's checkpoints record it, so resuming continues it)", flush=True)
+        return self.wandb.init(id=other, **kw)
+
     # W&B mirrors metrics.jsonl; it must never stop training. Its service is a separate process, which dies with
     # the rest of a job step on a preemption's SIGTERM while the ranks still have a checkpoint to save: after a
-    # failure the mirror stops (one line says so) and the run goes on.
+    # failure the mirror stops (one line says so) and the run goes on; a resumed phase re-sends what W&B missed
+    # (MetricsLog.backfill_wandb).
 
     def _guard(self, what: str, fn) -> None:
         if self.run is None:
@@ -153,7 +178,7 @@ class WandbRun:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 (whatever wandb raises: connection lost, service gone, ...)
-            print(f"[wandb] {what} failed ({type(e).__name__}: {e}); W&B logging stops, metrics.jsonl goes on",
+            print(redact(f"[wandb] {what} failed ({type(e).__name__}: {e}); W&B logging stops, metrics.jsonl goes on"),
                   file=sys.stderr, flush=True)
             self.run = None
 
@@ -174,6 +199,16 @@ class WandbRun:
         self.run = None
 
 
+@contextlib.contextmanager
+def _redacted_argv():
+    saved = sys.argv[:]
+    sys.argv[:] = redact(saved)
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
+
+
 def _netrc_has_wandb() -> bool:
     import netrc
     try:
@@ -186,6 +221,7 @@ def _netrc_has_wandb() -> bool:
 _WANDB_KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "img_per_s": "train/img_per_s",
                          "grad_norm": "train/grad_norm", "bad_samples": "data/bad_samples",
                          "tflops": "perf/tflops", "mfu": "perf/mfu"},
+               "nonfinite": {"count": "train/nonfinite_steps"},
                "eval": {"top1": "eval/top1", "top5": "eval/top5", "eval_loss": "eval/loss",
                         "eval_bad_samples": "data/eval_bad_samples"}}
 _COST_KEYS = {"device_hours": "cost/device_hours", "pipeline_device_hours": "cost/pipeline_device_hours",
@@ -208,13 +244,40 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {"phase": self.phase, "kind": kind, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(redact(json.dumps(rec)) + "\n")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise UserError(f"{self.path}: appending a {kind} record failed ({e.strerror}); free space (or raise "
+                            "the quota) and re-run the same command to resume") from None
+        self._mirror(kind, fields)
+
+    def _mirror(self, kind: str, fields: dict) -> None:
         if self.wandb is not None and "step" in fields:
             keys = {**_WANDB_KEYS.get(kind, {}), **_COST_KEYS}
             out = {keys[k]: v for k, v in fields.items() if k in keys and v is not None}
             if out:
                 self.wandb.log(out, step=fields["step"])
+
+    def backfill_wandb(self, upto: int) -> None:
+        """Re-send this phase's records up to step ``upto`` (a resumed checkpoint's) from metrics.jsonl to W&B.
+
+        A SIGKILLed process takes its W&B service with it, and the service drops what it had not yet written to
+        the run file (offline) or sent: often everything since the start. The JSON lines are written as they
+        come, so the resumed run, which continues the same W&B run id, re-sends what it resumes from: one curve
+        from step 1. W&B ignores a step it already has (the values are the same: resume is exact)."""
+        if self.wandb is None:
+            return
+        last = {}
+        for rec in read_jsonl(self.path):
+            step = rec.get("step")
+            if rec.get("kind") in _WANDB_KEYS and isinstance(step, int) and step <= upto:
+                last[(step, rec["kind"])] = rec  # a step logged again after an earlier resume: the later record
+        order = {kind: i for i, kind in enumerate(_WANDB_KEYS)}
+        for (_, kind), rec in sorted(last.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+            self._mirror(kind, rec)
 
     def meter(self, total: float, done: float = 0, unit: str = "img") -> None:
         """Start the phase's progress meter (a bar or plain lines, per ``logging.progress``)."""

@@ -44,11 +44,11 @@ def _cached_datasets(recipe: Recipe):
 
 def _logger(recipe: Recipe, label: str, section: str, out: Path):
     """JSON lines of the phase, mirrored to a W&B run (group = pipeline, job_type = phase) on rank 0."""
-    def make(info: DistInfo) -> MetricsLog:
+    def make(info: DistInfo, run_id: str | None = None) -> MetricsLog:  # run_id: the resumed phase's W&B run
         wb = None
         if info.is_main and wandb_mode(recipe.logging.wandb.mode) != "disabled":
             wb = WandbRun(recipe.logging.wandb, run_dir=recipe.run_dir, group=recipe.logging.wandb.group or recipe.run.name,
-                          job_type=section, label=label, out=out, config=recipe.to_dict())
+                          job_type=section, label=label, out=out, config=recipe.to_dict(), run_id=run_id)
         return MetricsLog(out / "metrics.jsonl", label, info.is_main, recipe.logging.progress, wb)
     return make
 

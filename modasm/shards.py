@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .config import ModelConfig
 from .errors import UserError
+from .redact import redact
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,14 +71,35 @@ def model_shape(cfg: ModelConfig) -> dict:
 def save_shards(directory: str | Path, modules: dict[int, dict[str, torch.Tensor]], *,
                 model_cfg: ModelConfig, layout: list[int], phase: str, step: int,
                 recipe: dict, metrics: dict) -> Path:
-    """Write a shard set atomically (tensors first, manifest last). Returns the manifest path."""
+    """Write a shard set atomically (tensors first, manifest last). Returns the manifest path.
+
+    Secrets of the environment in the recipe or metrics are redacted (redact.py). A write that fails for lack
+    of space is one line naming the file and the bytes needed."""
     directory = Path(directory)
+    needed = sum(v.numel() * v.element_size() for s in modules.values() for v in s.values())
+    try:
+        return _save_shards(directory, modules, model_cfg=model_cfg, layout=layout, phase=phase, step=step,
+                            recipe=redact(recipe), metrics=redact(metrics))
+    except Exception as e:  # re-raised unless it is a lack of space
+        from .integrity import space_error
+        path = Path(getattr(e, "filename", None) or directory)
+        err = space_error(e, path, needed, "the shard set", "the set has no manifest, so nothing takes it for a "
+                          "complete one: free space (or raise the quota) and re-run the same command to export it")
+        if err is None:
+            raise
+        for tmp in directory.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        raise ShardError(str(err)) from e
+
+
+def _save_shards(directory: Path, modules, *, model_cfg, layout, phase, step, recipe, metrics) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)  # an incomplete rewrite must not look complete
     entries = []
     for m, state in sorted(modules.items()):
         path = directory / module_file(m)
         _atomic_write(path, lambda tmp, s=state: save_file({k: v.contiguous() for k, v in s.items()}, str(tmp)))
+        faults.file_written("export")
         entries.append({"index": m, "file": path.name, "sha256": file_sha256(path),
                         "tensors": {k: list(v.shape) for k, v in sorted(state.items())}})
     manifest = {

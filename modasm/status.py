@@ -10,6 +10,7 @@ import shlex
 from .config import Recipe
 from .engine import complete_steps
 from .paths import export_dir, phase_dir
+from .redact import redact
 from .shards import read_manifest
 
 
@@ -62,4 +63,4 @@ def require(recipe: Recipe, section: str, recipe_path: str, overrides: list[str]
         lines.append(f"  the E2E baseline: sbatch slurm/e2e.sh {args}")
     lines.append(f"  logs: {recipe.run_dir / 'slurm'} (pipeline.sh) or slurm-<job>.out; "
                  f"or the whole chain again: slurm/pipeline.sh {args}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))  # a Slurm log (the check job): no secret expanded into an override

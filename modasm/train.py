@@ -7,6 +7,7 @@ interrupted one resumes from its newest complete checkpoint at the exact batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from . import engine as ds
-from . import perf, seeds, speed
+from . import faults, perf, seeds, speed
 from .config import AugConfig, DeepSpeedConfig, PhaseConfig, SpeedConfig, fingerprint_changes
 from .config import fingerprint as config_fingerprint
 from .data import Bad, Batch, SeededMixup, eval_loader, to_device, train_loader
@@ -42,22 +43,40 @@ def request_stop(*_):
 STOP_FILE_ENV = "MODASM_STOP_FILE"
 
 
-def stop_requested(info: DistInfo) -> bool:
-    """True on every rank when any rank was asked to stop (they must checkpoint together).
+def step_flags(info: DistInfo, bad_loss: torch.Tensor | None = None,
+               grad_norm: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+    """(stop, non-finite loss, non-finite gradients) of this optimizer step, the same on every rank of the group:
+    the step's one host sync (one all-reduce of three flags, one read), so checking the loss and gradients of
+    every step costs no synchronisation of its own.
 
-    Asked = SIGUSR1 reached this process, or the file named by $MODASM_STOP_FILE exists (what the Slurm
-    scripts touch when the batch shell gets the time-limit signal; it reaches ranks under torchrun on
-    every node, which a signal to the batch shell does not).
+    Stop = SIGUSR1/SIGTERM reached any rank, or the file named by $MODASM_STOP_FILE exists (what the Slurm
+    scripts touch when the batch shell gets the time-limit signal; it reaches ranks under torchrun on every
+    node, which a signal to the batch shell does not): the ranks must checkpoint together. ``bad_loss``: a
+    device flag, set when any micro-batch of the step had a non-finite loss on this rank; ``grad_norm``: the
+    reduced gradients' norm on the device (the plain engine; the others check their gradients themselves).
     """
     stop_file = os.environ.get(STOP_FILE_ENV)  # one stat per step, on the group's first rank only
     asked = _STOP["requested"] or bool(info.rank == 0 and stop_file and os.path.exists(stop_file))
-    flag = torch.tensor([1.0 if asked else 0.0], device=info.device)  # NCCL needs device tensors
+    flags = [torch.tensor(1.0 if asked else 0.0, device=info.device)]  # NCCL needs device tensors
+    flags.append(bad_loss.float() if bad_loss is not None else torch.zeros((), device=info.device))
+    flags.append((~torch.isfinite(grad_norm)).float() if grad_norm is not None else torch.zeros((), device=info.device))
+    flags = torch.stack(flags)
     if info.world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
-    stop = bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=info.group)
+    stop, loss, grads = (v > 0 for v in flags.tolist())
     if stop:  # clear only when acting on it: a signal landing during the all-reduce waits for the next step
         _STOP["requested"] = False
-    return stop
+    return stop, loss, grads
+
+
+def stop_requested(info: DistInfo) -> bool:
+    """True on every rank when any rank was asked to stop (see ``step_flags``)."""
+    return step_flags(info)[0]
+
+
+class NonFiniteError(UserError):
+    """A phase met a non-finite loss or gradient norm (more often than its section's max_nonfinite_steps), or
+    non-finite weights at a save."""
 
 
 @dataclass
@@ -74,7 +93,7 @@ class Job:
     eval_batch: int = 512
     fingerprint: dict | None = None  # recipe keys the result depends on; checked on re-run and resume
     base_hours: float = 0.0          # device-hours the pipeline spent before this phase (cost axis)
-    make_log: Callable[[DistInfo], MetricsLog] | None = None  # JSON lines (+ W&B) of this phase
+    make_log: Callable[..., MetricsLog] | None = None  # (info, W&B run id or None) -> JSON lines (+ W&B)
     aug: AugConfig | None = None     # mixup/cutmix (soft targets) when it says so
     num_classes: int = 0             # of the soft targets (mixup)
     max_bad_fraction: float = 0.001  # stop when more of the samples read were unreadable
@@ -100,6 +119,7 @@ class TrainState:
     best_top1: float | None = None  # the best evaluation so far (the paper reports the best epoch)
     samples_read: int = 0          # training samples read (group total), and how many were unreadable
     bad_samples: int = 0
+    nonfinite_steps: int = 0       # optimizer steps skipped for a non-finite loss or gradient norm
 
     @classmethod
     def from_client(cls, client: dict) -> "TrainState":
@@ -222,10 +242,12 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     fast = dict(pin_memory=speed.pin_memory(job.speed, info.device), uint8=speed.wanted(job.speed.uint8_batches, info.device))
     loader = train_loader(train_ds, plan.micro, info.rank, info.world, job.workers, **fast)
     val = eval_loader(val_ds, job.eval_batch, info.rank, info.world, job.workers, **fast)
+    faults.set_phase(job.label)
     newest = ds.latest(job.ckpt_dir)
     universal = False
     if newest is not None:  # before DeepSpeed touches it: a checkpoint of other settings is refused
         _refuse_changes(newest[1].get("fingerprint"), job.fingerprint, job.ckpt_dir / ds.tag(newest[0]), job.out)
+        ds.verify(job.ckpt_dir, newest[0], newest[1], info)  # what was saved here, file for file, or refused
         if universal := ds.needs_universal(job.ckpt_dir, newest[0], newest[1], info.world):
             ds.to_universal(job.ckpt_dir, newest[0], info)
     # model FLOPs per image, counted on a meta copy before the fast paths (no data, RNG or weight touched)
@@ -233,7 +255,9 @@ def train(job: Job, train_ds, val_ds, info: DistInfo) -> dict:
     speed.prepare_model(job.model, job.speed, info.device)
     eng, sched = ds.build_engine(job.model, job.cfg, job.ds, info, plan, speed.optimizer_kwargs(job.speed, info.device),
                                  universal)
-    log = job.make_log(info) if job.make_log else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main)
+    wandb_id = newest[1].get("wandb_run_id") if newest is not None else None  # one W&B run across restarts
+    log = (job.make_log(info, wandb_id) if job.make_log
+           else MetricsLog(job.out / "metrics.jsonl", job.label, info.is_main))
     try:
         return _Run(job, plan, eng, sched, train_ds, loader, (val, val_ds), log, info, meter).run(newest, universal)
     finally:
@@ -250,6 +274,8 @@ class _Run:
         self.non_blocking = speed.pin_memory(job.speed, info.device)
         self.mixup = SeededMixup(job.aug, job.cfg.label_smoothing, job.num_classes) if job.aug and job.aug.mixes else None
         self.dtype = ds.input_dtype(eng)
+        self.stop, self.bad_loss = False, None
+        self.wandb_id = None  # the W&B run this phase logs to, kept in every checkpoint's marker
 
     def run(self, newest, universal: bool = False) -> dict:
         job, plan, info, log = self.job, self.plan, self.info, self.log
@@ -258,6 +284,9 @@ class _Run:
         if newest is not None:
             self.state = TrainState.from_client(ds.load(self.eng, job.ckpt_dir, newest[0], info, universal))
             self.sched.restore(self.state.step)
+            self.wandb_id = newest[1].get("wandb_run_id")
+            log.backfill_wandb(self.state.step)  # what a killed run's W&B service dropped
+            log.write("resume", step=self.state.step, world=info.world)  # later records supersede any after it
             saved_world = newest[1].get("world", info.world)
             log.say(f"resuming from step {self.state.step}/{plan.total} ({job.ckpt_dir / ds.tag(self.state.step)})"
                     + (f" on {info.world} ranks (saved by {saved_world})" if saved_world != info.world else ""))
@@ -311,7 +340,7 @@ class _Run:
                 break
             seen += 1
             if self.micro_step(batch, epoch, in_epoch * plan.accum + i):
-                if stop_requested(self.info):
+                if self.stop:
                     return True
                 step_no = self.state.step
                 if cfg.ckpt_every_steps and step_no % cfg.ckpt_every_steps == 0 and step_no % plan.steps_per_epoch:
@@ -323,26 +352,66 @@ class _Run:
         return False
 
     def micro_step(self, batch: Batch, epoch: int, micro_no: int) -> bool:
-        """Forward/backward one micro-batch (the optimizer steps at accumulation boundaries); True at one."""
+        """Forward/backward one micro-batch (the optimizer steps at accumulation boundaries); True at one.
+
+        At a boundary, the step's one host sync (``step_flags``) tells every rank alike whether to stop after it,
+        and whether its loss or gradients were non-finite: such a step never changes the weights (``nonfinite``).
+        """
         cfg, plan, info, eng = self.cfg, self.plan, self.info, self.eng
         batch = to_device(self.train_ds, batch, info.device, self.non_blocking)  # GPU backends: decode failures -> bad
         self.health.add(batch)
-        loss = self._loss(batch, seeds.mixup(self.job.seed, epoch, micro_no, info.rank))
-        eng.backward(loss)
-        boundary = eng.is_gradient_accumulation_boundary()
         step_no = self.state.step + 1
-        logging_step = boundary and (step_no % cfg.log_every_steps == 0 or step_no == plan.total)
-        pre_norm = ds.grad_norm_before_step(eng) if logging_step else None
-        lr = self.sched.lr
-        eng.step()
-        self.log.advance(plan.micro * info.world)
-        if not boundary:
+        loss = faults.poison(self._loss(batch, seeds.mixup(self.job.seed, epoch, micro_no, info.rank)), step_no)
+        bad = ~torch.isfinite(loss.detach())  # stays on the device until the step's sync
+        self.bad_loss = bad if self.bad_loss is None else self.bad_loss | bad
+        eng.backward(loss)
+        if not eng.is_gradient_accumulation_boundary():
+            eng.step()
+            self.log.advance(plan.micro * info.world)
             return False
+        logging_step = step_no % cfg.log_every_steps == 0 or step_no == plan.total
+        pre_norm = ds.grad_norm_before_step(eng)  # plain engine only; on the device
+        self.stop, bad_loss, bad_grads = step_flags(info, self.bad_loss, pre_norm)
+        self.bad_loss = None
+        lr = self.sched.lr
+        if bad_loss or bad_grads:
+            self.nonfinite(step_no, epoch, "loss" if bad_loss else "grad norm")  # raises unless it may be skipped
+        # ZeRO / bf16 engines skip a step with inf/NaN gradients themselves; the plain one is told to
+        with ds.step_skipped(eng) if (bad_loss or bad_grads) and ds.grads_on_params(eng) else contextlib.nullcontext():
+            eng.step()
+        self.log.advance(plan.micro * info.world)
+        if not (bad_loss or bad_grads) and not eng.was_step_applied():  # ZeRO / bf16: DeepSpeed found inf/NaN
+            self.nonfinite(step_no, epoch, "grad norm")
+        faults.poison_weights(eng.module, step_no)
         self.state.step = step_no
         self.sched.after_step(step_no)
         if logging_step:
-            self.log_step(epoch, loss, lr, pre_norm)
+            self.log_step(epoch, loss, lr, None if pre_norm is None else float(pre_norm))
+        faults.after_step(step_no)
         return True
+
+    def nonfinite(self, step_no: int, epoch: int, what: str, skippable: bool = True) -> None:
+        """Optimizer step ``step_no`` had a non-finite ``what``: it is skipped (the weights stay as they were)
+        while ``max_nonfinite_steps`` allows, else the phase stops here, saving nothing from this step."""
+        job, allowed = self.job, (self.cfg.max_nonfinite_steps if skippable else 0)
+        self.state.nonfinite_steps += 1
+        n = self.state.nonfinite_steps
+        self.log.write("nonfinite", step=step_no, epoch=epoch, what=what, count=n, allowed=allowed)
+        if n <= allowed:
+            self.log.say(f"step {step_no}: non-finite {what}; step skipped, the weights unchanged ({n} of "
+                         f"{job.section}.max_nonfinite_steps={allowed})")
+            return
+        steps = ds.complete_steps(job.ckpt_dir)
+        resume = (f"the newest checkpoint (step {steps[-1]}, {job.ckpt_dir / ds.tag(steps[-1])}) stays the one a "
+                  "re-run resumes from" if steps else "there is no checkpoint yet: a re-run starts the phase over")
+        limit = (f"this is non-finite step {n}, more than {job.section}.max_nonfinite_steps={allowed}" if allowed else
+                 f"lower {job.section}.lr or check the data" + (
+                     f", or let up to N such steps be skipped (as mixed-precision loss scalers do) with "
+                     f"{job.section}.max_nonfinite_steps=N" if skippable else ""))
+        when = ("stopped before this step changed the weights, nothing of it was saved" if skippable else
+                "stopped before they were saved")
+        raise NonFiniteError(f"{job.label}: non-finite {what} at step {step_no}/{self.plan.total} (epoch {epoch + 1}); "
+                             f"{when}: {resume}; {limit}")
 
     def _loss(self, batch: Batch, mix_seed: int) -> torch.Tensor:
         eng, info, dtype = self.eng, self.info, self.dtype
@@ -384,16 +453,27 @@ class _Run:
         self.log.write("eval", step=self.state.step, epoch=epoch_done, **metrics, **self.clock.fields())
         self.log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
 
+    def check_weights(self) -> None:
+        """No checkpoint or shard set is ever written from non-finite weights (an update can overflow with finite
+        gradients): one pass over the weights and one sync per save, which syncs anyway."""
+        flag = (~ds.weights_finite(self.eng)).float()
+        if bool(all_reduce_sum(flag, self.info).item()):
+            step = self.state.step
+            self.nonfinite(step, (step - 1) // self.plan.steps_per_epoch, "weights", skippable=False)
+
     def checkpoint(self) -> None:
+        self.check_weights()
         self.health.sync(self.info)
         self.clock.tick()
         self.state.samples_read, self.state.bad_samples = self.health.read, self.health.bad
         self.state.wall_seconds, self.state.device_seconds = self.clock.wall, self.clock.device
+        wandb = self.log.wandb.id if self.log.wandb is not None else self.wandb_id
         ds.save(self.eng, self.job.ckpt_dir, self.state.step, dataclasses.asdict(self.state), self.cfg.keep_ckpts,
-                self.info, marker={"fingerprint": self.job.fingerprint})
+                self.info, marker={"fingerprint": self.job.fingerprint, "wandb_run_id": wandb})
 
     def finish(self) -> dict:
         job, log, info = self.job, self.log, self.info
+        self.check_weights()
         self.clock.tick()
         final = {**(self.state.last_eval or {}), **self.clock.fields(), "steps": self.plan.total, "world": info.world,
                  "bad_samples": self.state.bad_samples, "best_top1": self.state.best_top1}

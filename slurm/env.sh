@@ -49,7 +49,7 @@ modasm_launch() {
   rm -f "$MODASM_STOP_FILE" "$MODASM_STOP_FILE.saved"
   echo "[slurm] job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)}" \
        "restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE rank(s)" \
-       "$([ $per_node = 1 ] && echo "(one torchrun per node)"), rendezvous $MASTER_ADDR:$MASTER_PORT: $*"
+       "$([ $per_node = 1 ] && echo "(one torchrun per node)"), rendezvous $MASTER_ADDR:$MASTER_PORT: $(modasm_redact "$*")"
   MODASM_REQUEUE=0
   trap 'modasm_stop USR1' USR1
   trap 'modasm_stop TERM' TERM
@@ -86,6 +86,17 @@ modasm_launch() {
     scontrol requeue "$SLURM_JOB_ID"
   fi
   return "$rc"
+}
+
+# modasm_redact TEXT: TEXT with the value of every secret-looking environment variable (TOKEN, SECRET, PASSWORD,
+# API_KEY, ...; 8 characters or more) replaced by $NAME, as modasm/redact.py does for everything the run writes.
+modasm_redact() {
+  local text=$1 name value
+  while IFS= read -r name; do
+    value=${!name-}
+    if [ ${#value} -ge 8 ]; then text=${text//"$value"/\$$name}; fi
+  done < <(compgen -e | grep -iE 'TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH')
+  printf '%s\n' "$text"
 }
 
 modasm_stop() {

@@ -229,3 +229,76 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, t
         a = load_file(str(tmp_path / "ref" / "tiny" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
         b = load_file(str(run / "e2e" / "export" / f"module-{m:02d}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after the requeue"
+
+
+def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster, tmp_path, dist_info, one_thread,
+                                                                        record_property):
+    """A node that dies under a running phase: every process of the job (batch shell, srun, torchrun, the rank, W&B's
+    service) SIGKILLed at once, so no trap runs and nothing is saved; then `scontrol requeue`. (Not `scancel
+    --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first, and the ranks save at their next step, as
+    after a preemption: tests/test_slurm.py's SIGTERM test.) The next start
+    resumes from the newest complete checkpoint and ends with the weights of an uninterrupted run; it continues the
+    same W&B run; no secret of the job's environment (nor one expanded into an argument) reaches the Slurm log or
+    anything the run wrote."""
+    import signal
+
+    import psutil
+
+    from test_faults import SECRETS, leaks, record, wandb_steps
+    from modasm.engine import complete_steps, latest
+    record(record_property, fault="a node dies under a Slurm job, which is requeued",
+           injected="SIGKILL of every process of the job (scontrol listpids) once a checkpoint is complete, then "
+                    "scontrol requeue; secrets "
+                    "in the job's environment and one in an argument",
+           checks="restart 1 resumes from the newest complete checkpoint; weights equal an uninterrupted run's; "
+                  "one W&B run id, the last start logs every step; no secret in the log or the run directory")
+    url = f"pipe:curl -s https://example.invalid/train-0.tar?token={SECRETS['HF_TOKEN']}"
+    ov = [str(TINY), "data.train_limit=8192", "e2e.ckpt_every_steps=8", f"data.train_shards={url}"]
+    # the uninterrupted run, in this process (one thread: what the job's process computes)
+    phases.run_e2e(load_recipe(TINY, [*ov[1:], f"run.out_dir={tmp_path / 'ref'}", "logging.wandb.mode=disabled"]),
+                   dist_info)
+    log, run = tmp_path / "e2e.out", tmp_path / "cut" / "tiny"
+    ckpt = run / "e2e" / "ckpt"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/e2e.sh", *ov, f"run.out_dir={run.parent}"],
+                         cwd=ROOT, env={**slurm_env(gpus=1), **SECRETS}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    deadline = time.time() + 300
+    while not complete_steps(ckpt):
+        assert time.time() < deadline, "no checkpoint in 300 s:\n" + (log.read_text()[-3000:] if log.exists() else "")
+        assert job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
+        time.sleep(0.2)
+    listed = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True, check=True).stdout
+    pids = [int(line.split()[0]) for line in listed.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(pids) >= 4, listed  # batch shell, srun, torchrun, the rank (and W&B's service)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait([job])
+    deadline = time.time() + 120  # requeue only once none of the killed job runs
+    while any(str(run.parent) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        assert time.time() < deadline, "the killed job's processes are still running"
+        time.sleep(0.5)
+    killed_at = complete_steps(ckpt)[-1]
+    assert killed_at < 128 and not (run / "e2e" / "export" / "manifest.json").exists(), "killed too late"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    states = wait([job])
+    text = log.read_text()
+    assert state(states, job) == "COMPLETED" and states[job][0]["Restarts"] == "1", text[-4000:]
+    assert "restart 0:" in text and "restart 1:" in text and "stop requested" not in text
+    assert f"[e2e] resuming from step {killed_at}/128" in text, text[-3000:]
+    from safetensors.torch import load_file
+    for m in (0, 1):
+        a = load_file(str(tmp_path / "ref" / "tiny" / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+        b = load_file(str(run / "e2e" / "export" / f"module-{m:02d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"module {m} differs after the requeue"
+    stored = latest(ckpt)[1]["wandb_run_id"]
+    files = sorted((run / "wandb").glob("offline-run-*/run-*e2e*.wandb"))
+    assert len(files) == 2 and {f.name for f in files} == {f"run-{stored}.wandb"}, [str(f) for f in files]
+    logged = {json.loads(line)["step"] for line in (run / "e2e" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "train"' in line}
+    assert wandb_steps(files[-1]) >= logged
+    written = {str(p): p.read_bytes() for p in [log, *run.rglob("*")] if p.is_file()}  # the job's (not ref's)
+    assert not leaks(written), leaks(written)
+    assert "token=$HF_TOKEN" in text  # the job line shows the argument, redacted
