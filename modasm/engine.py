@@ -333,7 +333,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, info:
     except Exception as e:  # re-raised unless it is a lack of space
         prev = complete_steps(ckpt_dir)
         err = integrity.space_error(e, d, needed, f"the checkpoint of step {step}", (
-            f"the partial checkpoint was removed and " + (f"the newest complete one (step {prev[-1]}) is intact"
+            "the partial checkpoint was removed and " + (f"the newest complete one (step {prev[-1]}) is intact"
                                                            if prev else "there is no earlier checkpoint") +
             ": free space (or raise the quota) and re-run the same command to resume"
             + (f" from step {prev[-1]}" if prev else "")))
