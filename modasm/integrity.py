@@ -39,11 +39,9 @@ class CheckpointError(UserError):
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """Hex sha256 of a file's bytes (the digest of shard manifests and checkpoint markers alike)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def key_path() -> Path:

@@ -34,7 +34,8 @@ from . import model as M
 from .config import ModelConfig, Recipe
 from .errors import UserError
 from .paths import export_dir
-from .shards import ShardError, file_sha256, load_modules, read_manifest, save_shards
+from .integrity import sha256
+from .shards import ShardError, load_modules, read_manifest, save_shards
 
 IMPORT_AS = ("meta", "incubate", "assemble", "e2e")
 TARGET_PHASES = ("assemble", "e2e")  # phases whose shard set is the whole target (layout = split)
@@ -208,7 +209,7 @@ def import_paper(recipe: Recipe, path: str | Path, phase: str, module: int | Non
     # fp32 copies: off the memory map, and no two tensors share storage (safetensors refuses that)
     save_shards(out, {m: {k: v.detach().to(torch.float32, copy=True) for k, v in stages[m].items()} for m in keep},
                 model_cfg=recipe.model, layout=layout, phase=phase, step=0, recipe=recipe.to_dict(),
-                metrics={"imported_from": str(path.resolve()), "imported_sha256": file_sha256(path),
+                metrics={"imported_from": str(path.resolve()), "imported_sha256": sha256(path),
                          "imported_epoch": epoch if isinstance(epoch, int) else None})
     return out
 

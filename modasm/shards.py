@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import faults
+from .integrity import sha256
 from .config import ModelConfig
 from .errors import UserError
 from .redact import redact
@@ -36,14 +37,6 @@ class ShardError(UserError):
 
 def module_file(m: int) -> str:
     return f"module-{m:02d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,7 +93,7 @@ def _save_shards(directory: Path, modules, *, model_cfg, layout, phase, step, re
         path = directory / module_file(m)
         _atomic_write(path, lambda tmp, s=state: save_file({k: v.contiguous() for k, v in s.items()}, str(tmp)))
         faults.file_written("export")
-        entries.append({"index": m, "file": path.name, "sha256": file_sha256(path),
+        entries.append({"index": m, "file": path.name, "sha256": sha256(path),
                         "tensors": {k: list(v.shape) for k, v in sorted(state.items())}})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -190,7 +183,7 @@ def verify(directory: str | Path, *, model_cfg: ModelConfig, modules: list[int],
         path = directory / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: file of module {m} is missing")
-        digest = file_sha256(path)
+        digest = sha256(path)
         if digest != entry["sha256"]:
             raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
                              f"{entry['sha256'][:12]}… (corrupt or modified file); re-run the phase that wrote it")

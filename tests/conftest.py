@@ -29,6 +29,38 @@ def dist_info():
     return dist.init()
 
 
+K4 = ["model.split=[1,1,1,1]"]
+
+
+@pytest.fixture(scope="session")
+def meta4(tmp_path_factory, dist_info):
+    """A trained K=4 meta model of the tiny recipe (tests copy it with ``copy_meta``, never write into it)."""
+    from modasm import phases
+    from modasm.config import load_recipe
+    out = tmp_path_factory.mktemp("meta4")
+    phases.run_meta(load_recipe(TINY, [f"run.out_dir={out}", *K4]), dist_info)
+    return out
+
+
+@pytest.fixture(scope="session")
+def incubated(tmp_path_factory, dist_info):
+    """Meta model and both incubated modules of the tiny recipe, trained in this process (tests copy it)."""
+    from modasm import phases
+    from modasm.config import load_recipe
+    out = tmp_path_factory.mktemp("incubated")
+    recipe = load_recipe(TINY, [f"run.out_dir={out}"])
+    phases.run_meta(recipe, dist_info)
+    phases.run_incubate_all(recipe, dist_info)
+    return out
+
+
+def copy_meta(src: Path, dst: Path) -> Path:
+    """A run directory at ``dst`` holding ``src``'s trained meta model of the tiny recipe."""
+    import shutil
+    shutil.copytree(src / "tiny" / "meta", dst / "tiny" / "meta")
+    return dst
+
+
 @pytest.fixture(autouse=True)
 def _process_group_back():
     """A test that runs an entry point's ``cli.main`` in this process ends with ``dist.shutdown()``: the process

@@ -5,7 +5,6 @@ finish leaves, and the others train on. One torchrun world over several nodes ho
 refused (it would die with its first node). A phase stopped on one number of ranks resumes on another.
 """
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,24 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, launch, launch_cmd, launch_env
+from conftest import K4, ROOT, TINY, copy_meta, launch, launch_cmd, launch_env
 from modasm import phases
 from modasm.config import load_recipe
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-K4 = ["model.split=[1,1,1,1]"]
-
-
-@pytest.fixture(scope="module")
-def meta4(tmp_path_factory, dist_info):
-    out = tmp_path_factory.mktemp("meta4")
-    phases.run_meta(load_recipe(TINY, [f"run.out_dir={out}", *K4]), dist_info)
-    return out
-
-
-def _copy_meta(src, dst):
-    shutil.copytree(src / "tiny" / "meta", dst / "tiny" / "meta")
-    return dst
 
 
 def _export(out, k):
@@ -43,7 +29,7 @@ def test_a_node_that_finishes_first_does_not_stop_the_other(meta4, tmp_path, dis
     """Two 'nodes' (two torchrun agents, --part 0/2 and 1/2) farm K=4 over 2 groups: node 0's group has no work
     left (its modules were incubated before), its torchrun leaves, and node 1's group still trains both its
     modules to their shards. (One torchrun world over both nodes would lose node 1's ranks with node 0's agent.)"""
-    out = _copy_meta(meta4, tmp_path)
+    out = copy_meta(meta4, tmp_path)
     ov = [str(TINY), f"run.out_dir={out}", *K4, "incubate.groups=2", "data.train_limit=2048", "incubate.epochs=2"]
     for k in (0, 2):  # group 0 = modules [0, 2]
         phases.run_incubate(load_recipe(TINY, ov[1:]), k, dist_info)
@@ -72,7 +58,7 @@ def _free_port():
 
 
 def test_one_world_over_two_nodes_with_two_groups_is_refused(meta4, tmp_path):
-    out = _copy_meta(meta4, tmp_path)
+    out = copy_meta(meta4, tmp_path)
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", str(ROOT / "launch" / "incubate.py"),
@@ -91,11 +77,11 @@ def test_a_module_stopped_on_two_ranks_resumes_on_one(meta4, tmp_path):
     """ZeRO-2: a farm group of 2 ranks stops at step 3 (stop file); the module resumes as an array task on 1
     rank (DeepSpeed's universal checkpoint) and ends where an uninterrupted 2-rank run ends."""
     ov = [*K4, "deepspeed.zero_stage=2", "incubate.log_every_steps=1", "--module=1"]
-    ref = _copy_meta(meta4, tmp_path / "ref")
+    ref = copy_meta(meta4, tmp_path / "ref")
     res = launch("incubate.py", str(TINY), f"run.out_dir={ref}", *ov, nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    out = _copy_meta(meta4, tmp_path / "cut")
+    out = copy_meta(meta4, tmp_path / "cut")
     stop = tmp_path / "stop"
     metrics = out / "tiny" / "incubate" / "module-01" / "metrics.jsonl"
     proc = subprocess.Popen(launch_cmd("incubate.py", str(TINY), f"run.out_dir={out}", *ov, nproc=2), cwd=ROOT,

@@ -1,7 +1,6 @@
 """Farmed incubation: one torchrun world split into module groups that train independently."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -11,12 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, STARTUP_S, TINY, launch, launch_cmd, launch_env, wait_for
+from conftest import K4, ROOT, STARTUP_S, TINY, copy_meta, launch, launch_cmd, launch_env, wait_for
 from modasm import dist, phases
-from modasm.config import load_recipe
 from wandb_reader import offline_runs
 
-K4 = ["model.split=[1,1,1,1]"]
 
 
 def test_deal_longest_first():
@@ -39,19 +36,6 @@ def test_default_groups_and_bad_group_count():
         dist.split_world(info, 3)
 
 
-@pytest.fixture(scope="module")
-def meta4(tmp_path_factory, dist_info):
-    """A trained K=4 meta model of the tiny recipe."""
-    out = tmp_path_factory.mktemp("meta4")
-    phases.run_meta(load_recipe(TINY, [f"run.out_dir={out}", *K4]), dist_info)
-    return out
-
-
-def _copy_meta(src, dst):
-    shutil.copytree(src / "tiny" / "meta", dst / "tiny" / "meta")
-    return dst
-
-
 def _shards(out, k):
     return load_file(str(out / "tiny" / "incubate" / f"module-{k:02d}" / "export" / f"module-{k:02d}.safetensors"))
 
@@ -61,12 +45,12 @@ def _shards(out, k):
 def test_farm_of_two_groups_matches_each_module_alone(meta4, tmp_path):
     """4 ranks as 2 groups x 2 ranks == each module trained alone by 2 ranks, as a Slurm array task does
     (--module k; the last one through SLURM_ARRAY_TASK_ID), same seeds, fp32: bit for bit."""
-    farm = _copy_meta(meta4, tmp_path / "farm")
+    farm = copy_meta(meta4, tmp_path / "farm")
     res = launch("incubate.py", str(TINY), f"run.out_dir={farm}", *K4, "incubate.groups=2", nproc=4)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "group 1/2 (ranks 0-1): modules [0, 2]" in res.stdout
     assert "group 2/2 (ranks 2-3): modules [1, 3]" in res.stdout
-    alone = _copy_meta(meta4, tmp_path / "alone")
+    alone = copy_meta(meta4, tmp_path / "alone")
     for k in range(4):
         how = {"env": {"SLURM_ARRAY_TASK_ID": str(k)}} if k == 3 else {}
         args = [] if k == 3 else ["--module", str(k)]
@@ -97,7 +81,7 @@ def test_farm_of_two_groups_matches_each_module_alone(meta4, tmp_path):
 def test_group_finishes_while_the_other_is_frozen(meta4, tmp_path):
     """SIGSTOP group 2 right after the split: group 1 still builds its engines, trains, checkpoints,
     evaluates and exports both its modules, which it could not if any collective crossed groups."""
-    out = _copy_meta(meta4, tmp_path)
+    out = copy_meta(meta4, tmp_path)
     proc = subprocess.Popen(launch_cmd("incubate.py", str(TINY), f"run.out_dir={out}", *K4, "incubate.groups=2", nproc=4),
                             cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -66,16 +66,6 @@ def record(record_property, **row):
 # ---------------------------------------------------------------- 1 + 2 + 8: killed ranks, killed saves, one W&B run
 
 
-@pytest.fixture(scope="module")
-def incubated(tmp_path_factory, dist_info):
-    """Meta model and both incubated modules of the tiny recipe (trained in this process)."""
-    out = tmp_path_factory.mktemp("incubated")
-    recipe = load_recipe(TINY, [f"run.out_dir={out}"])
-    phases.run_meta(recipe, dist_info)
-    phases.run_incubate_all(recipe, dist_info)
-    return out
-
-
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_zero2_assemble_killed_rank_killed_saves_resume_bit_exact(incubated, tmp_path, dist_info, record_property):

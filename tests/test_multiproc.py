@@ -8,21 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, assert_export_is_master, launch
-from modasm import phases
 from modasm.config import load_recipe
 from modasm.metrics import read_jsonl
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def incubated(tmp_path_factory, dist_info):
-    """Meta model and both incubated modules of the tiny recipe (trained in this process)."""
-    out = tmp_path_factory.mktemp("incubated")
-    recipe = load_recipe(TINY, [f"run.out_dir={out}"])
-    phases.run_meta(recipe, dist_info)
-    phases.run_incubate_all(recipe, dist_info)
-    return out
 
 
 def _assemble(src, dst, *ov, nproc=0):
