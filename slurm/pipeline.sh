@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Submit a whole pipeline: meta -> incubate -> assemble, the E2E baseline in parallel, then a report.
+# A recipe whose assemble starts from another run's target (assemble.init_from: the high-resolution fine-tunes)
+# has no meta model or incubation: only assemble and e2e are submitted.
 #   slurm/pipeline.sh [--array | --farm-nodes N] [--no-e2e] RECIPE [a.b=c ...]
 #     (default) incubation farmed over one job (slurm/incubate.sh's #SBATCH nodes; --farm-nodes N for N)
 #     --array   one incubation job per module (each fails, requeues and resumes alone)
@@ -23,20 +25,26 @@ done
 py=${MODASM_VENV:-.venv}/bin/python
 K=$("$py" launch/status.py "$@" --get K)          # also validates the recipe and overrides before submitting
 run_dir=$("$py" launch/status.py "$@" --get run_dir)
+init_from=$("$py" launch/status.py "$@" --get init_from)
 logs="$run_dir/slurm"
 mkdir -p "$logs"
 # shellcheck disable=SC2086
 submit() { sbatch --parsable ${MODASM_SBATCH:-} "$@" | cut -d';' -f1; }
 
-meta=$(submit --output="$logs/meta-%j.out" slurm/meta.sh "$@")
-if [ "$mode" = array ]; then
-  inc=$(submit --dependency="afterok:$meta" --kill-on-invalid-dep=yes --array="0-$((K - 1))" \
-        --output="$logs/incubate-%A_%a.out" slurm/incubate.sh "$@")
-else
-  inc=$(submit --dependency="afterok:$meta" --kill-on-invalid-dep=yes ${nodes:+--nodes=$nodes} \
-        --output="$logs/incubate-%j.out" slurm/incubate.sh "$@")
+after=""
+if [ -z "$init_from" ]; then
+  meta=$(submit --output="$logs/meta-%j.out" slurm/meta.sh "$@")
+  if [ "$mode" = array ]; then
+    inc=$(submit --dependency="afterok:$meta" --kill-on-invalid-dep=yes --array="0-$((K - 1))" \
+          --output="$logs/incubate-%A_%a.out" slurm/incubate.sh "$@")
+  else
+    inc=$(submit --dependency="afterok:$meta" --kill-on-invalid-dep=yes ${nodes:+--nodes=$nodes} \
+          --output="$logs/incubate-%j.out" slurm/incubate.sh "$@")
+  fi
+  after="--dependency=afterok:$inc --kill-on-invalid-dep=yes"
 fi
-asm=$(submit --dependency="afterok:$inc" --kill-on-invalid-dep=yes --output="$logs/assemble-%j.out" slurm/assemble.sh "$@")
+# shellcheck disable=SC2086
+asm=$(submit $after --output="$logs/assemble-%j.out" slurm/assemble.sh "$@")
 last="afterok:$asm" failed="afternotok:$asm" required=assemble
 if [ "$e2e" = 1 ]; then
   base=$(submit --output="$logs/e2e-%j.out" slurm/e2e.sh "$@")
@@ -45,9 +53,14 @@ fi
 report=$(submit --dependency="$last" --kill-on-invalid-dep=yes --output="$logs/report-%j.out" slurm/check.sh report "$@")
 check=$(submit --dependency="$failed" --kill-on-invalid-dep=yes --output="$logs/check-%j.out" slurm/check.sh check "$required" "$@")
 
+[ -n "$init_from" ] && mode=none
 echo "submitted pipeline $(basename "$run_dir") (K=$K, incubation: $mode)"
-echo "  meta      $meta"
-echo "  incubate  $inc$([ "$mode" = array ] && echo " (array 0-$((K - 1)))")"
+if [ -z "$init_from" ]; then
+  echo "  meta      $meta"
+  echo "  incubate  $inc$([ "$mode" = array ] && echo " (array 0-$((K - 1)))")"
+else
+  echo "  (no meta model or incubation: assemble fine-tunes $init_from)"
+fi
 echo "  assemble  $asm"
 [ "$e2e" = 1 ] && echo "  e2e       $base"
 echo "  report    $report   (runs when assemble${base:+ and e2e} succeed)"
@@ -55,4 +68,4 @@ echo "  check     $check   (runs only if a phase fails: says what is missing and
 echo "logs:    $logs/"
 echo "results: $run_dir/{meta,incubate,assemble,e2e}/ (shards in export/, metrics.jsonl), report: $run_dir/report/report.md"
 echo "status:  $py launch/status.py $*      W&B: $run_dir/wandb/ (offline; wandb sync)"
-echo "jobs:    $meta $inc $asm${base:+ $base} $report $check"
+echo "jobs:   ${meta:+ $meta}${inc:+ $inc} $asm${base:+ $base} $report $check"

@@ -99,6 +99,27 @@ def test_pipeline_sh_runs_every_phase(cluster, tmp_path):
     assert "E2E baseline" in next((run / "slurm").glob("report-*.out")).read_text()
 
 
+def test_pipeline_sh_of_a_fine_tune_from_another_run_submits_no_meta_or_incubation(cluster, tmp_path):
+    """A recipe whose fine-tunes start from another run's target (assemble.init_from / e2e.init_from, as the
+    high-resolution recipes) has no meta model or incubation: pipeline.sh submits assemble (with no dependency
+    on an incubation), e2e, report and check only. Submitted held, then cancelled: what is checked is the jobs."""
+    ov = [f"run.out_dir={tmp_path}", f"assemble.init_from={tmp_path / 'lowres' / 'assemble' / 'export'}",
+          f"e2e.init_from={tmp_path / 'lowres' / 'e2e' / 'export'}"]
+    out, jobs = pipeline(str(TINY), *ov, env={**slurm_env(), "MODASM_SBATCH": "--hold"})
+    try:
+        assert set(jobs) == {"assemble", "e2e", "report", "check"}, out
+        assert "incubation: none" in out and "no meta model or incubation" in out, out
+        fields = {n: next(iter(job_states(j).values())) for n, j in jobs.items()}
+        assert {n: f["JobName"] for n, f in fields.items()} == {
+            "assemble": "modasm-assemble", "e2e": "modasm-e2e", "report": "modasm-check", "check": "modasm-check"}
+        assert fields["assemble"]["Dependency"] == "(null)", fields["assemble"]  # nothing to wait for
+        assert jobs["assemble"] in fields["report"]["Dependency"] and jobs["e2e"] in fields["report"]["Dependency"]
+        queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+        assert "modasm-meta" not in queued and "modasm-incubate" not in queued, queued
+    finally:
+        subprocess.run(["scancel", *jobs.values()], capture_output=True)
+
+
 @pytest.fixture
 def with_meta(tmp_path, dist_info):
     recipe = load_recipe(TINY, [f"run.out_dir={tmp_path}"])
