@@ -155,6 +155,11 @@ def build_engine(model: torch.nn.Module, cfg: PhaseConfig, ds: DeepSpeedConfig, 
     if universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    if grads_on_params(engine) and engine.dp_world_size == 1:
+        # One data-parallel rank, plain engine: DeepSpeed's gradient all-reduce flattens every gradient into one
+        # buffer, all-reduces it over this rank alone, divides by 1 and copies it back: no value changes
+        # (tests/test_engine.py), ~5 % of a CPU step (docs/benchmarks.md, bench-step). ZeRO keeps its own path.
+        engine.enable_backward_allreduce = False
     return engine, schedule
 
 
