@@ -29,6 +29,24 @@ def dist_info():
     return dist.init()
 
 
+def random_batches(n: int, size: int, seed: int) -> list[tuple]:
+    """``n`` seeded batches of ``size`` random tiny-recipe images (1x28x28) and labels, for engine-level tests."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def train_steps(eng, batches) -> dict:
+    """Feed ``batches`` through a DeepSpeed engine (backward + step per micro-batch); its fp32 master state after."""
+    import torch
+    from modasm import engine as ds
+    dtype = ds.input_dtype(eng)
+    for x, y in batches:
+        eng.backward(torch.nn.functional.cross_entropy(eng(x.to(dtype)).float(), y))
+        eng.step()
+    return ds.master_state(eng)
+
+
 K4 = ["model.split=[1,1,1,1]"]
 
 

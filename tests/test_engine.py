@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_export_is_master
+from conftest import assert_export_is_master, random_batches, train_steps
 from modasm import engine as ds
 from modasm import model as M
 from modasm import phases
@@ -69,21 +69,18 @@ def test_one_rank_skips_the_allreduce_and_trains_to_the_same_weights(tiny, dist_
     bit-identical to an engine that does it, with and without clipping."""
     recipe = tiny("e2e.accum_steps=2", "e2e.batch_size=32", f"e2e.clip_grad={clip}")
     plan = ds.plan(recipe.e2e, 1, "e2e", n_train=96)
-    g = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+    batches = random_batches(6, 16, seed=5)
     states = []
     for allreduce in (False, True):
         torch.manual_seed(0)
         eng, _ = ds.build_engine(M.build_target(recipe.model), recipe.e2e, recipe.deepspeed, dist_info, plan)
         assert eng.enable_backward_allreduce is False  # what build_engine chose for one rank
         eng.enable_backward_allreduce = allreduce
-        for x, y in batches:
-            eng.backward(torch.nn.functional.cross_entropy(eng(x), y))
-            eng.step()
+        states.append(train_steps(eng, batches))
         assert eng.global_steps == 3
-        states.append({n: t.detach().clone() for n, t in eng.module.state_dict().items()})
-    start = M.build_target(recipe.model).state_dict()
-    assert any(not torch.equal(states[0][n], start[n]) for n in start)  # it trained
+    torch.manual_seed(0)
+    start = M.build_target(recipe.model).state_dict()  # the weights both engines started from
+    assert any(not torch.equal(states[0][n], start[n]) for n in states[0])  # it trained
     for n in states[0]:
         assert torch.equal(states[0][n], states[1][n]), n
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import random_batches, train_steps
 from modasm import model as M
 from modasm import speed
 from modasm.config import SpeedConfig
@@ -142,8 +143,7 @@ def test_fused_adamw_under_deepspeed_matches_the_plain_one(tiny, dist_info, zero
     from modasm import engine as ds
     recipe = tiny(f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}")
     p = ds.plan(recipe.e2e, 1, "e2e", n_train=256)
-    g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
+    batches = random_batches(4, 64, seed=3)
     states = []
     for fused in (False, True):
         torch.manual_seed(0)
@@ -151,15 +151,13 @@ def test_fused_adamw_under_deepspeed_matches_the_plain_one(tiny, dist_info, zero
         eng, _ = ds.build_engine(model, recipe.e2e, recipe.deepspeed, dist_info, p,
                                  speed.optimizer_kwargs(SpeedConfig(fused_optimizer=fused), torch.device("cpu")))
         assert eng.basic_optimizer.defaults["fused"] is (True if fused else None)
-        dtype = ds.input_dtype(eng)
-        for x, y in batches:
-            eng.backward(torch.nn.functional.cross_entropy(eng(x.to(dtype)).float(), y))
-            eng.step()
-        states.append(ds.master_state(eng))
+        states.append(train_steps(eng, batches))
     assert states[0].keys() == states[1].keys()
     for n in states[0]:
         torch.testing.assert_close(states[1][n], states[0][n], rtol=1e-5, atol=1e-6, msg=n)
-    assert any(not torch.equal(states[0][n], M.build_target(recipe.model).state_dict()[n]) for n in states[0])
+    torch.manual_seed(0)
+    start = M.build_target(recipe.model).state_dict()  # the weights both engines started from
+    assert any(not torch.equal(states[0][n], start[n]) for n in states[0])  # they trained
 
 
 def test_pinned_batches_only_with_a_device():
