@@ -17,7 +17,7 @@ from modasm.config import PHASES, load_recipe
 from modasm.metrics import read_jsonl
 from modasm.shards import load_modules
 
-RECIPES = ["vit-b16", "vit-l16", "vit-h14", "demo-fmnist"]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))  # every shipped recipe
 
 
 def paper_curve(t: float, peak: float, cfg) -> float:
