@@ -199,16 +199,22 @@ def weights_finite(engine) -> torch.Tensor:
 def step_skipped(engine):
     """The plain engine's ``step()`` in this block changes no weight and no optimizer state (a skipped step);
     DeepSpeed still clips and zeroes the gradients and counts the step, so its accumulation stays in line."""
-    opt = engine.optimizer
-    had, inner = "step" in opt.__dict__, opt.step
-    opt.step = lambda *args, **kwargs: None
+    with _overriding(engine.optimizer, "step", lambda *args, **kwargs: None):
+        yield
+
+
+@contextlib.contextmanager
+def _overriding(obj, name: str, method):
+    """``obj.name`` is ``method`` in this block (on this instance only); what it was is restored after."""
+    had, inner = name in obj.__dict__, obj.__dict__.get(name)
+    setattr(obj, name, method)
     try:
         yield
     finally:
         if had:
-            opt.step = inner
+            setattr(obj, name, inner)
         else:
-            del opt.step
+            delattr(obj, name)
 
 
 def master_state(engine) -> dict[str, torch.Tensor]:
@@ -282,21 +288,14 @@ def _recorded(engine):
     """The files DeepSpeed's checkpoint engine writes in this block (each rank its own), for the marker's
     digests; each one also counts for MODASM_FAULT_KILL_IN_CKPT (faults.py)."""
     ce, written = engine.checkpoint_engine, []
-    had = "save" in ce.__dict__
     inner = ce.save
 
     def save(state_dict, path):
         inner(state_dict, path)
         written.append(Path(path))
         faults.file_written("ckpt")
-    ce.save = save
-    try:
+    with _overriding(ce, "save", save):
         yield written
-    finally:
-        if had:
-            ce.save = inner
-        else:
-            del ce.save
 
 
 def _size(directory: Path) -> int:

@@ -44,6 +44,21 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, fsync it, rename it to ``path`` and fsync the
+    directory: ``path`` is whole (old or new) after a crash at any point, never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def key_path() -> Path:
     return Path(os.environ.get(KEY_ENV) or Path.home() / ".config" / "modasm" / "checkpoint.key")
 
@@ -87,17 +102,7 @@ def write_marker(directory: Path, marker: dict, digests: dict[str, str]) -> None
     files.update({k: v for k, v in digests.items() if k not in files})  # written by a rank, not listed here yet
     marker = {**marker, "files": dict(sorted(files.items()))}
     marker["mac"] = _mac(marker, _key(create=True))
-    tmp = directory / f".{COMPLETE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(marker))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / COMPLETE)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(directory / COMPLETE, lambda tmp: tmp.write_text(json.dumps(marker)))
 
 
 def read_marker(directory: Path) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from . import model as M
 from .config import ModelConfig, Recipe
 from .errors import UserError
 from .paths import export_dir
-from .integrity import sha256
+from .integrity import atomic_write, sha256
 from .shards import ShardError, load_modules, read_manifest, save_shards
 
 IMPORT_AS = ("meta", "incubate", "assemble", "e2e")
@@ -279,12 +278,6 @@ def create_lines(config: dict, out: Path) -> list[str]:
             f"timm.create_model({'local-dir:' + str(out)!r}, pretrained=True{norm})"]
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_timm(run_dir: str | Path, phase: str, out: str | Path) -> dict:
     """Write the ``phase`` (assemble or e2e) shard set of ``run_dir`` as a plain timm ViT into ``out``:
     ``model.safetensors`` + ``config.json`` (+ ``README.md`` with the timm.create_model lines)."""
@@ -308,8 +301,8 @@ def export_timm(run_dir: str | Path, phase: str, out: str | Path) -> dict:
         raise ShardError(f"{shard_dir}: its tensors do not form the recipe's timm VisionTransformer")
     config = timm_config(cfg, manifest)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     lines = create_lines(config, out)
     note = "" if cfg.norm_eps == TIMM_NORM_EPS else (
         f"\nThe model's LayerNorm eps is {cfg.norm_eps}; config.json cannot name it (timm builds {TIMM_NORM_EPS} "
@@ -317,7 +310,7 @@ def export_timm(run_dir: str | Path, phase: str, out: str | Path) -> dict:
     readme = (f"# {config['architecture']} (modasm {manifest['phase']}, split {cfg.split})\n\nExported from "
               f"{shard_dir} (manifest_sha256 {manifest['manifest_sha256']}).\n\n```python\nimport functools, timm, "
               "torch\n" + "\n".join(f"model = {line}" for line in lines) + "\n```\n" + note)
-    _atomic(out / "README.md", lambda p: p.write_text(readme))
+    atomic_write(out / "README.md", lambda p: p.write_text(readme))
     return {"out": out, "config": config, "lines": lines, "norm_note": note.strip()}
 
 

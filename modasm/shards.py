@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import faults
-from .integrity import sha256
+from .integrity import atomic_write, sha256
 from .config import ModelConfig
 from .errors import UserError
 from .redact import redact
@@ -37,23 +36,6 @@ class ShardError(UserError):
 
 def module_file(m: int) -> str:
     return f"module-{m:02d}.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def model_shape(cfg: ModelConfig) -> dict:
@@ -91,7 +73,7 @@ def _save_shards(directory: Path, modules, *, model_cfg, layout, phase, step, re
     entries = []
     for m, state in sorted(modules.items()):
         path = directory / module_file(m)
-        _atomic_write(path, lambda tmp, s=state: save_file({k: v.contiguous() for k, v in s.items()}, str(tmp)))
+        atomic_write(path, lambda tmp, s=state: save_file({k: v.contiguous() for k, v in s.items()}, str(tmp)))
         faults.file_written("export")
         entries.append({"index": m, "file": path.name, "sha256": sha256(path),
                         "tensors": {k: list(v.shape) for k, v in sorted(state.items())}})
@@ -108,7 +90,7 @@ def _save_shards(directory: Path, modules, *, model_cfg, layout, phase, step, re
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     manifest["manifest_sha256"] = _self_digest(manifest)
-    _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return directory / MANIFEST
 
 

@@ -432,11 +432,12 @@ class _Run:
         rate, eta = log.rate_eta()
         gn = pre_norm if pre_norm is not None else self.eng.get_global_grad_norm()
         perf_fields = self.meter.fields(rate / self.info.world)  # model TFLOP/s and MFU per rank
-        log.write("train", step=step_no, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate,
+        loss = loss.item()
+        log.write("train", step=step_no, epoch=epoch, loss=loss, lr=lr, img_per_s=rate,
                   grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **perf_fields,
                   **self.clock.fields())
         mfu = "" if perf_fields["mfu"] is None else f" MFU {100 * perf_fields['mfu']:.1f}%"
-        log.show(f"ep {epoch + 1}/{self.cfg.epochs} step {step_no}/{total} loss {loss.item():.4f} lr {lr:.2e} "
+        log.show(f"ep {epoch + 1}/{self.cfg.epochs} step {step_no}/{total} loss {loss:.4f} lr {lr:.2e} "
                  f"{rate:.0f} img/s{mfu} ETA {eta}")
 
     # -- evaluation, checkpoints, the end

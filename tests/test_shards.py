@@ -1,6 +1,7 @@
 """The hand-off format: round trip, and bad shards refused before any training, naming file and mismatch."""
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -228,13 +229,13 @@ def test_manifest_is_written_last_and_a_rewrite_is_never_half_complete(tmp_path,
     kw = dict(model_cfg=cfg, layout=cfg.split, phase="assemble", recipe={}, metrics={})
     save_shards(d, modules, step=1, **kw)
     renamed, manifest_seen = [], []
-    real_replace = shards.os.replace
+    real_replace = os.replace  # every atomic write of the set (modasm.integrity.atomic_write) renames through it
 
     def replace(src, dst):
         renamed.append(Path(dst).name)
         manifest_seen.append((d / "manifest.json").exists())
         return real_replace(src, dst)
-    monkeypatch.setattr(shards.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     save_shards(d, modules, step=2, **kw)  # a rewrite of a complete set
     assert renamed == ["module-00.safetensors", "module-01.safetensors", "manifest.json"]
     assert manifest_seen == [False, False, False], "the old manifest outlived part of the rewrite"
