@@ -206,7 +206,7 @@ def verify(directory: Path, marker: dict, info) -> None:
 
 # ---------------------------------------------------------------- a write that fails for lack of space
 
-_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
 
 def _errno(exc: BaseException | None) -> int | None:
@@ -229,12 +229,12 @@ def space_error(exc: BaseException, path: Path, needed: int, what: str, after: s
     free = shutil.disk_usage(where).free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     limited = limit != resource.RLIM_INFINITY and limit < needed
-    spaceish = code in _SPACE_ERRNOS or any(s in text for s in ("No space left", "Disk quota", "File too large"))
+    spaceish = code in SPACE_ERRNOS or any(s in text for s in ("No space left", "Disk quota", "File too large"))
     # torch.save's writer loses the errno ("unexpected pos ..."): what is left free (its partial file still there)
     # or the file size limit tells
     if not (spaceish or free < needed or limited):
         return None
-    cause = (os.strerror(code) if code in _SPACE_ERRNOS else
+    cause = (os.strerror(code) if code in SPACE_ERRNOS else
              f"file size limit {limit} bytes, ulimit -f" if limited and free >= needed else "no space left")
     said = text.strip().splitlines()[-1][:200] if text.strip() else ""
     return UserError(f"{path}: writing {what} failed ({cause}; {type(exc).__name__}: {said}): it needs about {needed} "

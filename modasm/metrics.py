@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .errors import UserError
+from .integrity import SPACE_ERRNOS
 from .redact import redact
 
 
@@ -248,7 +248,7 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(redact(json.dumps(rec)) + "\n")
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if e.errno not in SPACE_ERRNOS:
                 raise
             raise UserError(f"{self.path}: appending a {kind} record failed ({e.strerror}); free space (or raise "
                             "the quota) and re-run the same command to resume") from None
