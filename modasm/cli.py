@@ -76,3 +76,14 @@ def fraction(text: str, what: str) -> tuple[int, int]:
         pass
     print(f"error: {what} {text!r} must be p/P with 0 <= p < P, e.g. 0/2", file=sys.stderr)
     raise SystemExit(2)
+
+
+def phase_list(text: str) -> tuple[str, ...]:
+    """'meta,e2e' -> ('meta', 'e2e'); a clear exit for an unknown phase."""
+    from .config import PHASES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in PHASES]
+    if bad or not names:
+        print(f"error: --phases {text!r}: unknown phase(s) {bad}; choose from {', '.join(PHASES)}", file=sys.stderr)
+        raise SystemExit(2)
+    return names

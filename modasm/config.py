@@ -251,6 +251,24 @@ class FineTuneConfig(PhaseConfig):
 
 
 @dataclass
+class E2EConfig(FineTuneConfig):
+    """The E2E baseline: the target trained from scratch; its length may follow the assembled path's budget."""
+    budget: float = _f(0.0, "Give E2E this multiple of the assembled path's training compute: its epochs follow from the "
+                       "counted training FLOPs of meta + all K incubations + fine-tune (modasm/perf.py's counter on "
+                       "each phase's model, x the images each phase trains on), rounded to the nearest whole epoch "
+                       "(at least 1), fixed before E2E starts (its lr schedule has that length). 1.0: budget-matched; "
+                       "2.0: twice the budget; 0: e2e.epochs as given.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget < 0:
+            raise ValueError(f"budget must be >= 0 (0: e2e.epochs as given), got {self.budget}")
+        if self.budget and self.init_from:
+            raise ValueError("budget sizes an E2E run from scratch against the assembled path; a fine-tune from "
+                             "init_from has no such budget: set one or the other")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3.")
     precision: str = _f("fp32", "'fp32' or 'bf16' (DeepSpeed keeps fp32 master weights for bf16).")
@@ -339,7 +357,7 @@ class Recipe:
                                      metadata={"help": "phase optimisation + farming"})
     assemble: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(epochs=100, warmup_epochs=0.0, clip_grad=1.0),
                                      metadata={"help": "phase optimisation + start"})
-    e2e: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(epochs=300),
+    e2e: E2EConfig = field(default_factory=lambda: E2EConfig(epochs=300),
                                 metadata={"help": "phase optimisation + start"})
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)

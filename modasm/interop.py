@@ -371,10 +371,11 @@ def init_modules(recipe: Recipe, section: str) -> dict[int, dict[str, torch.Tens
     return modules
 
 
-def init_hours(recipe: Recipe, section: str) -> float | None:
-    """Device-hours behind the init shard set (its pipeline's cumulative cost), or None without init_from."""
+def init_cost(recipe: Recipe, section: str, key: str = "device_hours") -> float | None:
+    """What lies behind the init shard set (its pipeline's cumulative ``key``: 'device_hours' or 'train_flops'),
+    or None without init_from."""
     init = getattr(getattr(recipe, section), "init_from", "")
     if not init:
         return None
     metrics = (read_manifest(init) or {}).get("metrics", {})
-    return float(metrics.get("pipeline_device_hours", metrics.get("device_hours", 0.0)) or 0.0)
+    return float(metrics.get(f"pipeline_{key}", metrics.get(key, 0.0)) or 0.0)

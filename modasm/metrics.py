@@ -225,7 +225,8 @@ _WANDB_KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "img_per_s": "t
                "eval": {"top1": "eval/top1", "top5": "eval/top5", "eval_loss": "eval/loss",
                         "eval_bad_samples": "data/eval_bad_samples"}}
 _COST_KEYS = {"device_hours": "cost/device_hours", "pipeline_device_hours": "cost/pipeline_device_hours",
-              "wall_seconds": "cost/wall_seconds"}
+              "wall_seconds": "cost/wall_seconds", "train_flops": "cost/train_flops",
+              "pipeline_train_flops": "cost/pipeline_train_flops"}
 
 
 class MetricsLog:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import dist, interop, seeds
+from . import budget, dist, interop, seeds
 from . import model as M
 from .config import Recipe, fingerprint
 from .data import build_datasets
@@ -53,22 +53,23 @@ def _logger(recipe: Recipe, label: str, section: str, out: Path):
     return make
 
 
-def upstream_hours(recipe: Recipe, section: str) -> float:
-    """Device-hours the pipeline spent before this phase: meta for incubation; meta + all incubations
-    for the fine-tune; nothing for meta and E2E (from the verified upstream manifests). A fine-tune from
-    another run's target (``init_from``): that run's cumulative hours."""
-    if (hours := interop.init_hours(recipe, section)) is not None:
-        return hours
+def upstream(recipe: Recipe, section: str, key: str = "device_hours") -> float:
+    """What the pipeline spent before this phase (``key``: 'device_hours' measured, or 'train_flops' counted):
+    meta for incubation; meta + all incubations for the fine-tune; nothing for meta and E2E (from the verified
+    upstream manifests). A fine-tune from another run's target (``init_from``): that run's cumulative cost."""
+    if (spent := interop.init_cost(recipe, section, key)) is not None:
+        return spent
     dirs = {"meta": [], "e2e": [], "incubate": [export_dir(recipe, "meta")],
             "assemble": [export_dir(recipe, "meta")] + [export_dir(recipe, "incubate", k) for k in range(recipe.model.K)]}
-    return sum((read_manifest(d) or {}).get("metrics", {}).get("device_hours", 0.0) for d in dirs[section])
+    return sum((read_manifest(d) or {}).get("metrics", {}).get(key, 0.0) or 0.0 for d in dirs[section])
 
 
 def _job(recipe: Recipe, label: str, section: str, out: Path, model, export) -> Job:
     return Job(label=label, section=section, out=out, model=model, cfg=getattr(recipe, section),
                ds=recipe.deepspeed, export=export, seed=recipe.run.seed, workers=recipe.data.num_workers,
                eval_batch=recipe.data.eval_batch_size, fingerprint=fingerprint(recipe.to_dict(), section),
-               base_hours=upstream_hours(recipe, section), make_log=_logger(recipe, label, section, out),
+               base_hours=upstream(recipe, section),
+               base_flops=upstream(recipe, section, "train_flops"), make_log=_logger(recipe, label, section, out),
                aug=recipe.aug, num_classes=recipe.model.num_classes, max_bad_fraction=recipe.data.max_bad_fraction,
                speed=recipe.speed, peak_tflops=recipe.run.peak_tflops)
 
@@ -138,6 +139,11 @@ def run_phase(recipe: Recipe, phase: str, info: DistInfo, k: int | None = None, 
     spec = PHASES[phase]
     if phase in ("assemble", "e2e"):
         recipe = interop.pin_init(recipe, phase)  # the init shard set's digest joins the fingerprint
+    data = data or _cached_datasets(recipe)
+    if phase == "e2e" and recipe.e2e.budget:  # its length follows from the assembled path's counted compute
+        recipe, why = budget.resolve(recipe, len(data()[0]))
+        if info.is_main:
+            print(f"[e2e] {why}", flush=True)
     if phase == "incubate" and not 0 <= k < recipe.model.K:
         raise UserError(f"--module {k} is out of range: the recipe's split has K={recipe.model.K} modules "
                         f"(0..{recipe.model.K - 1})")
@@ -145,7 +151,7 @@ def run_phase(recipe: Recipe, phase: str, info: DistInfo, k: int | None = None, 
     if (done := finished(out, name, info, fingerprint(recipe.to_dict(), phase), phase)) is not None:
         return done
     inputs = spec.inputs(recipe, k)  # verified before anything trains
-    train_ds, val_ds = (data or _cached_datasets(recipe))()
+    train_ds, val_ds = data()
     torch.manual_seed(seeds.init(recipe.run.seed, spec.salt(k)))  # the same weights on every rank and re-run
     model = spec.build(recipe, k, inputs).to(info.device)
     layout = spec.layout(recipe, k)
@@ -232,11 +238,13 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
     return results
 
 
-def run_pipeline(recipe: Recipe, info: DistInfo) -> None:
-    """Every phase in order in one process (the demo); each still hands off through its shard set."""
+def run_pipeline(recipe: Recipe, info: DistInfo, only: tuple[str, ...] = tuple(PHASES)) -> None:
+    """Every phase in order in one process (the demo); each still hands off through its shard set.
+    ``only``: these phases (e.g. ``("e2e",)``: the baseline alone; ``("meta", "incubate", "assemble")``: the
+    assembled path alone)."""
     data = _cached_datasets(recipe)
     fine_tune_only = bool(recipe.assemble.init_from)  # from another run's target: no meta/incubation
     steps = ([] if fine_tune_only else [("meta", None)] + [("incubate", k) for k in range(recipe.model.K)])
     for phase, k in steps + [("assemble", None), ("e2e", None)]:
-        if run_phase(recipe, phase, info, k, data).get("interrupted"):
+        if phase in only and run_phase(recipe, phase, info, k, data).get("interrupted"):
             return

@@ -93,6 +93,7 @@ class Job:
     eval_batch: int = 512
     fingerprint: dict | None = None  # recipe keys the result depends on; checked on re-run and resume
     base_hours: float = 0.0          # device-hours the pipeline spent before this phase (cost axis)
+    base_flops: float = 0.0          # counted training FLOPs of the pipeline before this phase
     make_log: Callable[..., MetricsLog] | None = None  # (info, W&B run id or None) -> JSON lines (+ W&B)
     aug: AugConfig | None = None     # mixup/cutmix (soft targets) when it says so
     num_classes: int = 0             # of the soft targets (mixup)
@@ -300,7 +301,7 @@ class _Run:
             log.say(f"plan: {plan.describe(self.cfg.batch_size)}")
             log.write("start", total_steps=plan.total, steps_per_epoch=plan.steps_per_epoch, world=info.world,
                       micro_batch=plan.micro, accum_steps=plan.accum, batch_size=self.cfg.batch_size,
-                      base_hours=job.base_hours, flops_per_image=self.meter.flops_per_image,
+                      base_hours=job.base_hours, base_flops=job.base_flops, flops_per_image=self.meter.flops_per_image,
                       peak_tflops=self.meter.peak.tflops, peak_source=self.meter.peak.source,
                       trainable_params=sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                       total_params=sum(p.numel() for p in job.model.parameters()))
@@ -435,10 +436,16 @@ class _Run:
         loss = loss.item()
         log.write("train", step=step_no, epoch=epoch, loss=loss, lr=lr, img_per_s=rate,
                   grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **perf_fields,
-                  **self.clock.fields())
+                  **self.cost())
         mfu = "" if perf_fields["mfu"] is None else f" MFU {100 * perf_fields['mfu']:.1f}%"
         log.show(f"ep {epoch + 1}/{self.cfg.epochs} step {step_no}/{total} loss {loss:.4f} lr {lr:.2e} "
                  f"{rate:.0f} img/s{mfu} ETA {eta}")
+
+    def cost(self) -> dict:
+        """What the phase has spent so far: device time (measured: wall x ranks) and training FLOPs (counted: the
+        model's FLOPs per image x the images of the optimizer steps done), each also for the pipeline so far."""
+        flops = self.meter.flops_per_image * self.cfg.batch_size * self.state.step
+        return {**self.clock.fields(), "train_flops": flops, "pipeline_train_flops": self.job.base_flops + flops}
 
     # -- evaluation, checkpoints, the end
 
@@ -451,7 +458,7 @@ class _Run:
         self.clock.tick()
         self.state.last_eval = {**metrics, "epoch": epoch_done, "step": self.state.step}
         self.state.best_top1 = max(self.state.best_top1 or metrics["top1"], metrics["top1"])
-        self.log.write("eval", step=self.state.step, epoch=epoch_done, **metrics, **self.clock.fields())
+        self.log.write("eval", step=self.state.step, epoch=epoch_done, **metrics, **self.cost())
         self.log.say(f"eval after epoch {epoch_done}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
 
     def check_weights(self) -> None:
@@ -476,7 +483,7 @@ class _Run:
         job, log, info = self.job, self.log, self.info
         self.check_weights()
         self.clock.tick()
-        final = {**(self.state.last_eval or {}), **self.clock.fields(), "steps": self.plan.total, "world": info.world,
+        final = {**(self.state.last_eval or {}), **self.cost(), "steps": self.plan.total, "world": info.world,
                  "bad_samples": self.state.bad_samples, "best_top1": self.state.best_top1}
         state = ds.master_state(self.eng)  # fp32 masters under bf16; collective under ZeRO: every rank
         if info.is_main:
