@@ -1,6 +1,5 @@
 """The budget-matched E2E baseline (modasm/budget.py) and the study runner (modasm/study.py, launch/study.py)."""
 import json
-import os
 import shutil
 import statistics
 import subprocess
