@@ -42,18 +42,20 @@ def _median_mfu(records: list[dict]) -> float | None:
 
 def collect(run_dir: str | Path) -> list[dict]:
     """Table rows in pipeline order; a phase not finished yet shows as empty."""
-    rows, spent = [], 0.0
+    rows, spent, spent_flops = [], 0.0, 0.0
     for label, d in _phase_dirs(Path(run_dir)).items():
         manifest = read_manifest(d / "export")
         m = manifest["metrics"] if manifest else {}
-        hours = m.get("device_hours")
+        hours, flops = m.get("device_hours"), m.get("train_flops")
         if label == "e2e":
-            cumulative = hours
+            cumulative, cumulative_flops = hours, flops
         else:
             spent += hours or 0.0
-            cumulative = spent if manifest else None
+            spent_flops += flops or 0.0
+            cumulative, cumulative_flops = (spent, spent_flops) if manifest else (None, None)
         rows.append({"label": label, "model": _name(label), "top1": m.get("top1"), "top5": m.get("top5"),
                      "device_hours": hours, "cumulative": cumulative, "world": m.get("world"),
+                     "flops": flops, "cumulative_flops": cumulative_flops,
                      "mfu": _median_mfu(read_jsonl(d / "metrics.jsonl")) if manifest else None})
     return rows
 
@@ -67,22 +69,26 @@ def _pct(v, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<30} {'top-1 %':>8} {'top-5 %':>8} {'device-h':>9} {'cumul. device-h':>16} {'MFU %':>6}"
+    head = (f"{'model':<30} {'top-1 %':>8} {'top-5 %':>8} {'device-h':>9} {'cumul. device-h':>16} "
+            f"{'train FLOPs':>12} {'cumul. FLOPs':>13} {'MFU %':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<30} {_f(r['top1'], '8.2f')} {_f(r['top5'], '8.2f')} "
-                     f"{_f(r['device_hours'], '9.4f')} {_f(r['cumulative'], '16.4f')} {_pct(r.get('mfu'), '6.1f')}")
-    lines.append("cumul. device-h: device time of the pipeline up to that row (meta + incubations + "
-                 "fine-tune); E2E counts alone. MFU: median over the phase's training log lines.")
+                     f"{_f(r['device_hours'], '9.4f')} {_f(r['cumulative'], '16.4f')} {_f(r.get('flops'), '12.3e')} "
+                     f"{_f(r.get('cumulative_flops'), '13.3e')} {_pct(r.get('mfu'), '6.1f')}")
+    lines.append("cumul.: the pipeline up to that row (meta + incubations + fine-tune); E2E counts alone. device-h: "
+                 "measured (wall x ranks); FLOPs: counted training FLOPs (modasm/perf.py). MFU: median over the "
+                 "phase's training log lines.")
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | top-1 % | top-5 % | device-hours | cumulative device-hours | MFU % |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | top-1 % | top-5 % | device-hours | cumulative device-hours | train FLOPs | cumulative FLOPs "
+             "| MFU % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {_f(r['top1'], '.2f')} | {_f(r['top5'], '.2f')} | "
-                     f"{_f(r['device_hours'], '.4f')} | {_f(r['cumulative'], '.4f')} | {_pct(r.get('mfu'), '.1f')} |")
+                     f"{_f(r['device_hours'], '.4f')} | {_f(r['cumulative'], '.4f')} | {_f(r.get('flops'), '.3e')} | "
+                     f"{_f(r.get('cumulative_flops'), '.3e')} | {_pct(r.get('mfu'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -168,8 +174,10 @@ def write_report(run_dir: str | Path) -> Path:
     plots = plot(run_dir, out)
     text = [f"# Report: {run_dir.name}", "", markdown_table(rows), "",
             "Cumulative device-hours: device time (wall time x ranks) of the pipeline up to that row "
-            "(meta + incubations + fine-tune); the E2E baseline counts alone. MFU: model FLOP/s per device over its "
-            "peak (modasm/perf.py), median over the phase's training log lines.", ""]
+            "(meta + incubations + fine-tune); the E2E baseline counts alone. Train FLOPs: counted (the phase's "
+            "model's training FLOPs per image x the images it trained on; modasm/perf.py), deterministic; cumulative "
+            "like the device-hours. MFU: model FLOP/s per device over its peak, median over the phase's training log "
+            "lines.", ""]
     captions = {
         "accuracy_vs_cost.png": "Accuracy vs cost. Each point is an evaluation, placed at the device-hours the "
         "whole pipeline had spent by then. The assembled curve starts where meta + all incubations ended "

@@ -43,15 +43,17 @@ def test_pipeline_then_rerun_does_nothing(tmp_path):
     # every row of the printed table is its phase's recorded metrics; cumulative = the pipeline up to that row
     table = parse_table(res.stdout)
     assert list(table) == list(phases)
-    spent = 0.0
+    spent = flops = 0.0
     for row, d in phases.items():
         m = json.loads((d / "export" / "manifest.json").read_text())["metrics"]
         spent = m["device_hours"] if row == "E2E baseline" else spent + m["device_hours"]
         mfu = sorted(r["mfu"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                      if r["kind"] == "train")
         assert mfu and all(0 < x < 1 for x in mfu), row  # MFU against the measured CPU peak
+        flops = m["train_flops"] if row == "E2E baseline" else flops + m["train_flops"]
         assert table[row] == {"model": row, "top-1 %": f"{m['top1']:.2f}", "top-5 %": f"{m['top5']:.2f}",
                               "device-h": f"{m['device_hours']:.4f}", "cumul. device-h": f"{spent:.4f}",
+                              "train FLOPs": f"{m['train_flops']:.3e}", "cumul. FLOPs": f"{flops:.3e}",
                               "MFU %": f"{100 * mfu[len(mfu) // 2]:.1f}"}, row
         assert 0 < m["top1"] <= m["top5"] <= 100 and m["eval_samples"] == 256, (row, m)
     for row, phase_dir in phases.items():

@@ -51,7 +51,8 @@ def assert_one_run_per_phase(recipe, job_types: dict[str, str]):
         assert run["group"] == "tiny" and run["job_type"] == job_types[name], name
         assert {k: v for k, v in run["config"].items() if k != "_wandb"} == config, name
         assert {"train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "eval/top1", "eval/top5",
-                "cost/pipeline_device_hours", "cost/device_hours"} <= run["history"], name
+                "cost/pipeline_device_hours", "cost/device_hours", "cost/train_flops",
+                "cost/pipeline_train_flops"} <= run["history"], name
         shards = [files for kind, files in run["artifacts"] if kind == "shards"]
         assert len(shards) == 1 and "manifest.json" in shards[0], name
         refs = {p: ref for p, ref in shards[0].items() if p.startswith("weights/")}  # by reference, not copied
@@ -120,6 +121,14 @@ def test_phases_add_up(pipeline, farm):
     inc = read_jsonl(dirs["inc1"] / "metrics.jsonl")
     assert inc[0]["base_hours"] == pytest.approx(hours["meta"])
     assert read_jsonl(dirs["e2e"] / "metrics.jsonl")[-1]["pipeline_device_hours"] == pytest.approx(hours["e2e"])
+    # counted training FLOPs add up the same way: each phase's is its FLOPs per image x the images it trained on
+    flops = {k: read_manifest(d / "export")["metrics"]["train_flops"] for k, d in dirs.items()}
+    for k, d in dirs.items():
+        first = read_jsonl(d / "metrics.jsonl")[0]
+        assert flops[k] == pytest.approx(first["flops_per_image"] * first["total_steps"] * 64, rel=1e-12), k
+    assert start["base_flops"] == pytest.approx(flops["meta"] + flops["inc0"] + flops["inc1"], rel=1e-12)
+    assert done["pipeline_train_flops"] == pytest.approx(start["base_flops"] + flops["asm"], rel=1e-12)
+    assert read_jsonl(dirs["e2e"] / "metrics.jsonl")[-1]["pipeline_train_flops"] == pytest.approx(flops["e2e"])
     rows = {r["label"]: r for r in collect(pipeline.run_dir)}
     assert rows["assemble"]["cumulative"] == pytest.approx(done["pipeline_device_hours"])
     assert rows["e2e"]["cumulative"] == pytest.approx(hours["e2e"])
