@@ -17,9 +17,11 @@ if __name__ == "__main__":
     p.add_argument("--cell", help="run this cell alone")
     p.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
     p.add_argument("--aggregate", action="store_true", help="write the table and plots only; run nothing")
+    p.add_argument("--out-dir", help="run the cells under this directory instead of the study's out_dir")
+    p.add_argument("--results", help="keep the results here instead of the study's results directory")
     args = p.parse_args()
     try:
-        s = study.load(args.study)
+        s = study.load(args.study, out_dir=args.out_dir, results=args.results)
         if args.list:
             print("\n".join(study.status_lines(s)))
         elif args.aggregate:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -110,8 +111,9 @@ def _value_spec(where: str, spec) -> tuple[tuple, tuple | None]:
     raise UserError(f"{where}: expected a list of overrides or a mapping with 'overrides'/'phases', got {spec!r}")
 
 
-def load(path: str | Path, root: Path = Path(".")) -> Study:
-    """Read and check a study file (every cell's recipe is loaded once, so a bad override fails here)."""
+def load(path: str | Path, root: Path = Path("."), out_dir: str | None = None, results: str | None = None) -> Study:
+    """Read and check a study file (every cell's recipe is loaded once, so a bad override fails here).
+    ``out_dir`` / ``results``: instead of the file's (e.g. a GPU machine's output folder)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file {path} does not exist")
@@ -171,8 +173,8 @@ def load(path: str | Path, root: Path = Path(".")) -> Study:
             cells.append(Cell(cell_name, values, tuple(ov), phases or tuple(PHASES)))
     study = Study(path=path, name=name, base=root / str(raw["base"]), replicate=replicate, axes=axes, cells=cells,
                   reuse_from=[str(r) for r in raw.get("reuse_from") or []], threads=int(raw.get("threads", 0)),
-                  out_dir=root / str(raw.get("out_dir", "runs")),
-                  results=root / str(raw.get("results", f"docs/studies/{name}")), panel=panel)
+                  out_dir=root / str(out_dir or raw.get("out_dir", "runs")),
+                  results=root / str(results or raw.get("results", f"docs/studies/{name}")), panel=panel)
     for c in cells:
         try:
             c.recipe(study)
@@ -283,7 +285,16 @@ def run_cell(study: Study, cell: Cell, python: str = sys.executable) -> int:
     if study.threads:
         env["OMP_NUM_THREADS"] = str(study.threads)
     print(f"[study] {cell.name}: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    # a stop request to the study (SIGTERM from `timeout` or Slurm, SIGUSR1) is the cell's: it saves at its next
+    # optimizer step and exits; the study then stops (re-running resumes the cell)
+    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def run(study: Study, only: str | None = None, python: str = sys.executable) -> int:
