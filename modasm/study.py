@@ -306,9 +306,12 @@ def run(study: Study, only: str | None = None, python: str = sys.executable) -> 
             continue
         print(f"[study] cell {i + 1}/{len(cells)}: {cell.name}", flush=True)
         rc = run_cell(study, cell, python)
-        if rc != 0:
-            print(f"[study] {cell.name} stopped (exit {rc}); re-run the same command to resume it", flush=True)
-            return rc
+        missing = [sub for _, sub in phase_paths(recipe, cell.phases)
+                   if read_manifest(recipe.run_dir / sub / "export") is None]
+        if rc != 0 or missing:  # a stop request ends a phase early with exit 0: the cell is not finished
+            print(f"[study] {cell.name} stopped (exit {rc}{'; not finished: ' + ', '.join(missing) if missing else ''});"
+                  " re-run the same command to resume it", flush=True)
+            return rc or 1
         keep(study, cell, recipe)
         write(study)
     write(study)

@@ -92,10 +92,18 @@ def test_study_resumes_a_killed_cell_skips_finished_ones_and_aggregates_the_cell
     results = tmp_path / "results"
     (tmp_path / "toy.yaml").write_text(TOY.format(tiny=TINY, out=tmp_path / "runs", results=results))
     cells = ["seed-0_arm-both", "seed-1_arm-both", "seed-0_arm-x2"]
+    # 0. a stop request (what SIGTERM/SIGUSR1 or the Slurm stop file give): the phase saves and exits 0, the cell is
+    #    not finished, and the study says so and stops without keeping anything
+    stop = tmp_path / "stop"
+    stop.touch()
+    stopped = _study(tmp_path, env={"MODASM_STOP_FILE": str(stop)})
+    assert stopped.returncode == 1 and "seed-0_arm-both stopped (exit 0; not finished: meta" in stopped.stdout, \
+        stopped.stdout[-3000:]
+    assert "[meta] stop requested: saved step 1" in stopped.stdout and not results.exists()
     # 1. the first cell's E2E phase SIGKILLs itself after step 6 (its epoch-4 checkpoint holds step 4): the study stops
     killed = _study(tmp_path, env={"MODASM_FAULT_KILL_AT_STEP": "6", "MODASM_FAULT_PHASE": "e2e"})
     assert killed.returncode != 0, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert "seed-0_arm-both stopped (exit -9)" in killed.stdout
+    assert "seed-0_arm-both stopped (exit -9; not finished: e2e)" in killed.stdout
     assert not results.exists() or not (results / "cells").exists()
     # 2. the same command resumes that cell at its checkpoint and runs the others; x2 runs E2E only
     again = _study(tmp_path)
