@@ -111,9 +111,11 @@ def _value_spec(where: str, spec) -> tuple[tuple, tuple | None]:
     raise UserError(f"{where}: expected a list of overrides or a mapping with 'overrides'/'phases', got {spec!r}")
 
 
-def load(path: str | Path, root: Path = Path("."), out_dir: str | None = None, results: str | None = None) -> Study:
+def load(path: str | Path, root: Path = Path("."), out_dir: str | None = None, results: str | None = None,
+         extra: tuple = ()) -> Study:
     """Read and check a study file (every cell's recipe is loaded once, so a bad override fails here).
-    ``out_dir`` / ``results``: instead of the file's (e.g. a GPU machine's output folder)."""
+    ``out_dir`` / ``results``: instead of the file's (e.g. a GPU machine's output folder); ``extra``: overrides
+    after every cell's own (e.g. toy sizes for a dry run)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file {path} does not exist")
@@ -166,11 +168,11 @@ def load(path: str | Path, root: Path = Path("."), out_dir: str | None = None, r
             seen.add(cell_name)
             ov, phases = list(base_ov), None
             for a, v in values.items():
-                extra, ph = axes[a][v]
-                ov += extra
+                own, ph = axes[a][v]
+                ov += own
                 if ph is not None:
                     phases = ph if phases is None else tuple(p for p in phases if p in ph)
-            cells.append(Cell(cell_name, values, tuple(ov), phases or tuple(PHASES)))
+            cells.append(Cell(cell_name, values, (*ov, *extra), phases or tuple(PHASES)))
     study = Study(path=path, name=name, base=root / str(raw["base"]), replicate=replicate, axes=axes, cells=cells,
                   reuse_from=[str(r) for r in raw.get("reuse_from") or []], threads=int(raw.get("threads", 0)),
                   out_dir=root / str(out_dir or raw.get("out_dir", "runs")),
@@ -297,8 +299,10 @@ def run_cell(study: Study, cell: Cell, python: str = sys.executable) -> int:
             signal.signal(sig, handler)
 
 
-def run(study: Study, only: str | None = None, python: str = sys.executable) -> int:
-    cells = [study.cell(only)] if only else study.cells
+def run(study: Study, only: str | None = None, python: str = sys.executable, first: int = 0) -> int:
+    """Run the cells that are not finished (``only``: that one; ``first``: only the grid's first N), keeping each
+    finished cell's results and re-writing the aggregate after it. 0 when every cell asked for is finished."""
+    cells = [study.cell(only)] if only else study.cells[:first or None]
     for i, cell in enumerate(cells):
         recipe = cell.recipe(study)
         if finished(study, cell, recipe):
