@@ -11,19 +11,24 @@
 # runs the check job, whose log says what is missing and the commands that finish it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=farm nodes="" e2e=1
+mode=farm nodes="" nodes_set=0 e2e=1
 while [ $# -gt 0 ]; do
   case $1 in
     --array) mode=array; shift ;;
-    --farm-nodes) nodes=$2; shift 2 ;;
+    --farm-nodes) nodes=${2-} nodes_set=1; shift $(($# > 1 ? 2 : 1)) ;;
     --no-e2e) e2e=0; shift ;;
     -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
 [ $# -ge 1 ] || { sed -n '2,10p' "$0"; exit 2; }
+if [ $nodes_set = 1 ] && ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then
+  echo "slurm/pipeline.sh: --farm-nodes '$nodes' is not a number of nodes (e.g. --farm-nodes 2)" >&2; exit 2
+fi
 py=${MODASM_VENV:-.venv}/bin/python
-K=$("$py" launch/status.py "$@" --get K)          # also validates the recipe and overrides before submitting
+farm=()  # a farm over N nodes must fit the recipe (N <= K, groups a multiple of N): checked before anything runs
+[ "$mode" = farm ] && [ -n "$nodes" ] && farm=(--farm-nodes "$nodes")
+K=$("$py" launch/status.py "$@" ${farm[@]+"${farm[@]}"} --get K)   # also validates the recipe and overrides before submitting
 run_dir=$("$py" launch/status.py "$@" --get run_dir)
 init_from=$("$py" launch/status.py "$@" --get init_from)
 logs="$run_dir/slurm"

@@ -389,7 +389,7 @@ def test_a_failing_module_of_a_farm_fails_the_job_instead_of_requeueing_it(clust
     recurs on every run: torchrun stops the healthy group with SIGTERM (it may save), and the job must end FAILED with
     the error as the last lines of its log, not requeue itself into the same failure again and again (its
     afternotok check job would never run)."""
-    log, run = with_meta / "incubate.out", with_meta / "tiny"
+    log = with_meta / "incubate.out"
     # module 1's group must still be training when module 0's fails at its first step: 256 steps of its own
     job = submit("incubate.sh", log, str(TINY), f"run.out_dir={with_meta}", "data.train_limit=16384",
                  "incubate.log_every_steps=1", gpus=2,
