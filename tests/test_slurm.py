@@ -222,7 +222,7 @@ def test_rendezvous_host_is_the_jobs_first_node(cluster):
 def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
     """Preemption: SIGTERM to the job's steps (what Slurm sends at preemption with a GraceTime, as
     `scancel --signal=TERM`; torchrun forwards it too). The ranks save at their next step (not at the epoch's
-    end), the job requeues itself (the batch shell never saw the signal: the ranks' marker tells it), and the
+    end), the job requeues itself (the batch shell never saw the signal: slurm/step.sh's mark tells it), and the
     rerun resumes from that step to the weights of an uninterrupted run."""
     ov = [str(TINY), "data.train_limit=8192", "e2e.log_every_steps=1"]
     ref = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'ref'}", timeout=600)
@@ -256,10 +256,9 @@ def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster,
                                                                         record_property):
     """A node that dies under a running phase: every process of the job (batch shell, srun, torchrun, the rank, W&B's
     service) SIGKILLed at once, so no trap runs and nothing is saved; then `scontrol requeue`. (Not `scancel
-    --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first, and the ranks save at their next step, as
-    after a preemption: tests/test_slurm.py's SIGTERM test.) The next start
-    resumes from the newest complete checkpoint and ends with the weights of an uninterrupted run; it continues the
-    same W&B run; no secret of the job's environment (nor one expanded into an argument) reaches the Slurm log or
+    --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first; the ranks may save at their next step, and
+    the job ends CANCELLED.) The next start resumes from the newest complete checkpoint and ends with the weights of
+    an uninterrupted run; it continues the same W&B run; no secret of the job's environment (nor one expanded into an argument) reaches the Slurm log or
     anything the run wrote."""
     import signal
 
