@@ -96,13 +96,19 @@ modasm_launch() {
   done
   # Requeue after a stop request, never after a failure: the steps were killed at the stop's deadline; Slurm sent
   # SIGTERM to the steps (slurm/step.sh's mark; torchrun then exits 1 whatever its ranks did); or the ranks saved
-  # on the stop file and all exited 0. Not when TERM reached this shell (the job is being ended), and not when a
-  # step exited non-zero by itself: torchrun stops the healthy ranks with SIGTERM when one fails, and they save.
+  # on the stop file and all exited 0. Not when TERM reached this shell, nor when the controller no longer reports
+  # the job RUNNING (Slurm is ending it: scancel, the time limit, a preemption's end), and not when a step exited
+  # non-zero on its own: torchrun stops the healthy ranks with SIGTERM when one fails, and they save.
   local failed requeue=0
   failed=$(awk '!seen[$0]++' "$MODASM_STOP_FILE.failed" 2>/dev/null | head -n 5) || true
   if [ "$MODASM_ENDING" = 0 ] && { [ "$MODASM_KILLED" = 1 ] || [ -e "$MODASM_STOP_FILE.term" ] ||
                                    { [ -e "$MODASM_STOP_FILE.saved" ] && [ "$rc" = 0 ]; }; }; then
-    requeue=1
+    if scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=RUNNING'; then
+      requeue=1
+    else
+      echo "[slurm] not requeueing: Slurm is ending job $SLURM_JOB_ID (it is no longer RUNNING)"
+      MODASM_ENDING=1
+    fi
   fi
   rm -f "$MODASM_STOP_FILE" "$MODASM_STOP_FILE".*
   if [ $requeue = 1 ]; then

@@ -25,7 +25,8 @@ def fake_slurm(tmp_path: Path, srun: str = "exit 0") -> tuple[dict, Path]:
     """A bin directory with recording srun / sbatch / scontrol first on PATH; (environment, log of calls)."""
     bin_dir, log = tmp_path / "fake-bin", tmp_path / "slurm-calls.jsonl"
     bin_dir.mkdir()
-    bodies = {"srun": srun, "sbatch": 'echo "$((900000 + RANDOM))"', "scontrol": "exit 0"}
+    scontrol = 'if [ "$1" = show ]; then echo "JobId=$SLURM_JOB_ID JobState=${FAKE_JOB_STATE:-RUNNING}"; fi'
+    bodies = {"srun": srun, "sbatch": 'echo "$((900000 + RANDOM))"', "scontrol": scontrol}
     for name, body in bodies.items():
         path = bin_dir / name
         path.write_text(RECORDER.format(name=name, upper=name.upper(), body=body))
@@ -97,6 +98,28 @@ def test_batch_shell_reports_the_steps_exit_code_when_a_signal_arrives_as_it_end
         assert "[slurm] USR1" in res.stdout, res.stdout
         assert not calls(log, "scontrol"), f"a failed step was requeued: {calls(log, 'scontrol')}"
         assert "failed: the step exited 3" in res.stdout, res.stdout
+
+
+# a preempted step as Slurm leaves it: slurmstepd's SIGTERM reaches slurm/step.sh (and torchrun, whose ranks save
+# and which then exits 1): here a stand-in for torchrun sends it and exits 1 after marking the save
+PREEMPTED = ('bash "$MODASM_ROOT/slurm/step.sh" bash -c '
+             '\'kill -TERM $PPID; touch "$MODASM_STOP_FILE.saved"; exit 1\'')
+
+
+@pytest.mark.parametrize("job_state", ["RUNNING", "COMPLETING"])
+def test_a_preempted_step_requeues_the_job_only_while_slurm_keeps_it_running(tmp_path, job_state):
+    """Slurm's SIGTERM to the steps (slurm/step.sh marks it) with the ranks saved: the job requeues itself while the
+    controller reports it RUNNING (a preemption's grace time); not when Slurm is already ending it (COMPLETING:
+    scancel, the time limit), even if the batch shell's own TERM has not arrived yet."""
+    env, log = fake_slurm(tmp_path, srun=PREEMPTED)
+    res = batch_job(env, "e2e", str(TINY), FAKE_JOB_STATE=job_state)
+    assert res.returncode == 1, res.stdout + res.stderr
+    requeues = [c for c in calls(log, "scontrol") if c[0] == "requeue"]
+    if job_state == "RUNNING":
+        assert len(requeues) == 1 and "[slurm] requeueing job" in res.stdout, res.stdout + res.stderr
+    else:
+        assert not requeues and "not requeueing: Slurm is ending job" in res.stdout, res.stdout + res.stderr
+        assert "failed" not in res.stdout, res.stdout
 
 
 def test_bad_stop_timeout_is_refused(tmp_path):
