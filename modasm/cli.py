@@ -35,7 +35,7 @@ def main(run) -> None:
     """Run ``run()`` with user mistakes (``UserError``) turned into one clear line and exit code 2; any other
     error keeps its traceback."""
     from . import dist
-    from .train import request_stop
+    from .train import note_failure, request_stop
     # A preemption notice or the time limit (SIGUSR1 from sbatch --signal, SIGTERM from scancel, preemption and
     # torchrun, which forwards it): checkpoint at the next optimizer step and exit. A second SIGTERM kills.
     signal.signal(signal.SIGUSR1, request_stop)
@@ -48,8 +48,12 @@ def main(run) -> None:
         run()
     except UserError as e:
         print(redact(f"error: {e}"), file=sys.stderr, flush=True)
+        note_failure(redact(f"error: {e}"))
         dist.shutdown()
         raise SystemExit(2)
+    except Exception as e:
+        note_failure(redact(f"{type(e).__name__}: {e}"))  # the traceback follows (sys.excepthook)
+        raise
     dist.shutdown()
 
 

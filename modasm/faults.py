@@ -6,6 +6,8 @@ dictionary lookup per call when none is. The faults are real: the process SIGKIL
 become non-finite inside the real loop.
 
     MODASM_FAULT_KILL_AT_STEP=N      SIGKILL right after optimizer step N (before its checkpoint, if any)
+    MODASM_FAULT_HANG_AT_STEP=N      hang right after optimizer step N, for good (a rank stuck in I/O or a collective:
+                                     its signal handlers still run, the loop never comes back to act on them)
     MODASM_FAULT_KILL_IN_CKPT=N[:F]  SIGKILL while the resume checkpoint of step N is written, after F (default 1)
                                      of this process's files of it are complete (DeepSpeed's and the RNG file)
     MODASM_FAULT_KILL_IN_EXPORT=F    SIGKILL while the shard set is exported, after F module files are complete
@@ -16,11 +18,13 @@ become non-finite inside the real loop.
   filters (all must match; unset = any):
     MODASM_FAULT_PHASE=P             the phase label (``e2e``, ``incubate[2]``) or its section (``incubate``)
     MODASM_FAULT_RANK=R              the process's rank in its launch (torchrun's RANK; a lone process is 0)
+    MODASM_FAULT_RESTART=R           the run of a Slurm job (SLURM_RESTART_COUNT; 0 before any requeue, or outside Slurm)
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -39,7 +43,10 @@ def _selected() -> bool:
     if phase and phase not in (_current["label"], _current["label"].split("[")[0]):
         return False
     rank = os.environ.get(PREFIX + "RANK")
-    return not rank or rank == os.environ.get("RANK", "0")
+    if rank and rank != os.environ.get("RANK", "0"):
+        return False
+    restart = os.environ.get(PREFIX + "RESTART")
+    return not restart or restart == os.environ.get("SLURM_RESTART_COUNT", "0")
 
 
 def _die(why: str) -> None:
@@ -52,6 +59,11 @@ def after_step(step: int) -> None:
     at = os.environ.get(PREFIX + "KILL_AT_STEP")
     if at and int(at) == step and _selected():
         _die(f"after step {step}")
+    at = os.environ.get(PREFIX + "HANG_AT_STEP")
+    if at and int(at) == step and _selected():
+        print(f"[fault] {_current['label']}: hanging after step {step} (MODASM_FAULT_*)", flush=True)
+        while True:
+            time.sleep(3600)
 
 
 def ckpt_started(step: int) -> None:

@@ -195,6 +195,24 @@ def deal(split: list[int], groups: int) -> list[list[int]]:
     return out
 
 
+def check_farm(recipe: Recipe, launches: int) -> None:
+    """A farm over ``launches`` launches (one torchrun per node) fits the recipe: every launch holds whole module
+    groups, and there are at most K groups. Needs no ranks, so slurm/pipeline.sh checks it before submitting."""
+    K, G = recipe.model.K, recipe.incubate.groups
+    if launches < 1:
+        raise UserError(f"a farm needs at least one node, got {launches}")
+    if launches > K:
+        raise UserError(f"a farm over {launches} nodes has more nodes than the K={K} modules: each node's torchrun "
+                        f"holds at least one module group; use --farm-nodes {K} or fewer, or --array (one job per "
+                        "module, each on any number of nodes)")
+    if G > K:
+        raise UserError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
+    if G and G % launches:
+        raise UserError(f"incubate.groups={G} does not split over the farm's {launches} launches (one per node): "
+                        f"each launch holds whole module groups; use a multiple of {launches}, or the array mode "
+                        "(one job per module) for groups larger than a node")
+
+
 def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
                      part: tuple[int, int] = (0, 1)) -> dict[int, dict]:
     """Array mode (``module`` = k): all ranks incubate module k. Farm mode: the farm's ``incubate.groups``
@@ -205,16 +223,15 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
     Returns metrics per module this rank took part in; stops early when a module was interrupted.
     """
     K = recipe.model.K
-    if module is not None:
-        return {module: run_incubate(recipe, module, info)}
     p, P = part
+    if module is not None:
+        if P > 1:  # each launch would train module k into the same directory, deleting the other's checkpoints
+            raise UserError(f"--module {module} with --part {p}/{P}: one module trains as one torchrun world over all "
+                            "the nodes it runs on (slurm/phase.sh launches --module that way), not once per node; "
+                            "drop --part, or drop --module to farm the K modules over the nodes")
+        return {module: run_incubate(recipe, module, info)}
+    check_farm(recipe, P)
     G = recipe.incubate.groups or dist.default_groups(K, info.world * P, multiple_of=P)
-    if G > K:
-        raise UserError(f"incubate.groups={G} is more than the K={K} modules: at most {K} groups have work")
-    if G % P:
-        raise UserError(f"incubate.groups={G} does not split over the farm's {P} launches (one per node): each "
-                        f"launch holds whole module groups; use a multiple of {P}, or the array mode (one job per "
-                        "module) for groups larger than a node")
     here = G // P
     if here > 1 and info.nodes > 1:
         raise UserError(f"this torchrun spans {info.nodes} nodes and would hold {here} module groups: groups sharing "

@@ -43,6 +43,15 @@ def request_stop(*_):
 STOP_FILE_ENV = "MODASM_STOP_FILE"
 
 
+def note_failure(message: str) -> None:
+    """Under the Slurm scripts ($MODASM_STOP_FILE set): add this process's error, as one line, to the job's record
+    of failures (``<stop file>.failed``), which the batch shell prints as the last lines of a failed job's log."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if stop_file:
+        with contextlib.suppress(OSError), open(f"{stop_file}.failed", "a") as f:
+            f.write(" ".join(message.split())[:500] + "\n")
+
+
 def step_flags(info: DistInfo, bad_loss: torch.Tensor | None = None,
                grad_norm: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
     """(stop, non-finite loss, non-finite gradients) of this optimizer step, the same on every rank of the group:

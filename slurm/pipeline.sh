@@ -3,7 +3,8 @@
 # A recipe whose assemble starts from another run's target (assemble.init_from: the high-resolution fine-tunes)
 # has no meta model or incubation: only assemble and e2e are submitted.
 #   slurm/pipeline.sh [--array | --farm-nodes N] [--no-e2e] RECIPE [a.b=c ...]
-#     (default) incubation farmed over one job (slurm/incubate.sh's #SBATCH nodes; --farm-nodes N for N)
+#     (default) incubation farmed over one job (slurm/incubate.sh's #SBATCH nodes; --farm-nodes N for N <= K,
+#               checked before anything is submitted)
 #     --array   one incubation job per module (each fails, requeues and resumes alone)
 #     --no-e2e  skip the baseline
 # Extra sbatch flags for every job (partition, account, ...): MODASM_SBATCH="--partition=gpu --account=me".
@@ -11,19 +12,24 @@
 # runs the check job, whose log says what is missing and the commands that finish it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=farm nodes="" e2e=1
+mode=farm nodes="" nodes_set=0 e2e=1
 while [ $# -gt 0 ]; do
   case $1 in
     --array) mode=array; shift ;;
-    --farm-nodes) nodes=$2; shift 2 ;;
+    --farm-nodes) nodes=${2-} nodes_set=1; shift $(($# > 1 ? 2 : 1)) ;;
     --no-e2e) e2e=0; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -ge 1 ] || { sed -n '2,10p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,12p' "$0"; exit 2; }
+if [ $nodes_set = 1 ] && ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then
+  echo "slurm/pipeline.sh: --farm-nodes '$nodes' is not a number of nodes (e.g. --farm-nodes 2)" >&2; exit 2
+fi
 py=${MODASM_VENV:-.venv}/bin/python
-K=$("$py" launch/status.py "$@" --get K)          # also validates the recipe and overrides before submitting
+farm=()  # a farm over N nodes must fit the recipe (N <= K, groups a multiple of N): checked before anything runs
+[ "$mode" = farm ] && [ -n "$nodes" ] && farm=(--farm-nodes "$nodes")
+K=$("$py" launch/status.py "$@" ${farm[@]+"${farm[@]}"} --get K)   # also validates the recipe and overrides before submitting
 run_dir=$("$py" launch/status.py "$@" --get run_dir)
 init_from=$("$py" launch/status.py "$@" --get init_from)
 logs="$run_dir/slurm"

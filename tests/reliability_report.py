@@ -68,6 +68,16 @@ OLD = {  # nodeid: (fault, how it is injected, what the test checks)
     "tests/test_slurm.py::test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights": (
         "preemption", "SIGTERM to the job's steps (scancel --signal=TERM)",
         "save at the next step, requeue, resume; weights equal an uninterrupted run's"),
+    "tests/test_slurm.py::test_scancel_cancels_the_job_instead_of_requeueing_it": (
+        "a user cancels a running job", "scancel JOB (SIGTERM to every step and to the batch shell)",
+        "the job ends CANCELLED, not requeued"),
+    "tests/test_slurm.py::test_a_failing_module_of_a_farm_fails_the_job_instead_of_requeueing_it": (
+        "one module of a one-node farm fails for good", "non-finite loss at module 0's first step "
+        "(MODASM_FAULT_NONFINITE); torchrun stops the other group with SIGTERM",
+        "the job ends FAILED, not requeued; the error is the last line of its log"),
+    "tests/test_slurm.py::test_a_rank_that_never_stops_is_killed_and_the_job_requeues": (
+        "a rank hangs as the time limit nears", "MODASM_FAULT_HANG_AT_STEP, then USR1 to the batch shell",
+        "steps killed after MODASM_STOP_TIMEOUT, requeue, resume from the newest complete checkpoint, finish"),
     "tests/test_slurm.py::test_failed_array_task_keeps_assemble_from_running": (
         "one array task fails", "a stale checkpoint of other settings in module 1's directory",
         "task 1 FAILED naming the setting; assemble and report never run; the check job says what to re-run"),

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import K4, ROOT, STARTUP_S, TINY, copy_meta, launch, launch_cmd, launch_env, wait_for
 from modasm import dist, phases
+from modasm.errors import UserError
 from wandb_reader import offline_runs
 
 
@@ -34,6 +35,26 @@ def test_default_groups_and_bad_group_count():
     info = dist.DistInfo(rank=0, world=4, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"incubate.groups=3 must divide the number of ranks \(4\); valid: 1, 2, 4"):
         dist.split_world(info, 3)
+
+
+def test_one_module_with_a_part_of_a_farm_is_refused(tiny):
+    """`--module k --part p/P` (P > 1) would train module k once per launch into the same directory (the launches
+    delete each other's checkpoint steps and write the same export): refused before any training, naming the fix."""
+    info = dist.DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match=r"--module 1 with --part 0/2: .*one torchrun world over all the nodes"):
+        phases.run_incubate_all(tiny(), info, module=1, part=(0, 2))
+
+
+def test_farm_over_more_nodes_than_modules_is_refused(tiny):
+    """Each launch of a farm (one per node) holds whole module groups, at most K of them in all."""
+    with pytest.raises(UserError, match=r"a farm over 3 nodes .* K=2 modules.*--farm-nodes 2.*--array"):
+        phases.check_farm(tiny(), 3)
+    with pytest.raises(UserError, match=r"incubate.groups=1 does not split over the farm's 2 launches"):
+        phases.check_farm(tiny("incubate.groups=1"), 2)
+    with pytest.raises(UserError, match=r"a farm needs at least one node, got 0"):
+        phases.check_farm(tiny(), 0)
+    phases.check_farm(tiny(), 2)
+    phases.check_farm(tiny("incubate.groups=2"), 2)
 
 
 def _shards(out, k):

@@ -222,7 +222,7 @@ def test_rendezvous_host_is_the_jobs_first_node(cluster):
 def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, tmp_path):
     """Preemption: SIGTERM to the job's steps (what Slurm sends at preemption with a GraceTime, as
     `scancel --signal=TERM`; torchrun forwards it too). The ranks save at their next step (not at the epoch's
-    end), the job requeues itself (the batch shell never saw the signal: the ranks' marker tells it), and the
+    end), the job requeues itself (the batch shell never saw the signal: slurm/step.sh's mark tells it), and the
     rerun resumes from that step to the weights of an uninterrupted run."""
     ov = [str(TINY), "data.train_limit=8192", "e2e.log_every_steps=1"]
     ref = launch("e2e.py", *ov, f"run.out_dir={tmp_path / 'ref'}", timeout=600)
@@ -256,10 +256,9 @@ def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster,
                                                                         record_property):
     """A node that dies under a running phase: every process of the job (batch shell, srun, torchrun, the rank, W&B's
     service) SIGKILLed at once, so no trap runs and nothing is saved; then `scontrol requeue`. (Not `scancel
-    --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first, and the ranks save at their next step, as
-    after a preemption: tests/test_slurm.py's SIGTERM test.) The next start
-    resumes from the newest complete checkpoint and ends with the weights of an uninterrupted run; it continues the
-    same W&B run; no secret of the job's environment (nor one expanded into an argument) reaches the Slurm log or
+    --signal=KILL`: Slurm turns that into a cancellation, SIGTERM first; the ranks may save at their next step, and
+    the job ends CANCELLED.) The next start resumes from the newest complete checkpoint and ends with the weights of
+    an uninterrupted run; it continues the same W&B run; no secret of the job's environment (nor one expanded into an argument) reaches the Slurm log or
     anything the run wrote."""
     import signal
 
@@ -323,3 +322,119 @@ def test_node_death_requeue_resumes_from_the_newest_complete_checkpoint(cluster,
     written = {str(p): p.read_bytes() for p in [log, *run.rglob("*")] if p.is_file()}  # the job's (not ref's)
     assert not leaks(written), leaks(written)
     assert "token=$HF_TOKEN" in text  # the job line shows the argument, redacted
+
+
+def submit(script: str, log: Path, *args: str, gpus: int = 1, **env) -> str:
+    return subprocess.run(["sbatch", "--parsable", f"--output={log}", f"slurm/{script}", *args], cwd=ROOT,
+                          env={**slurm_env(gpus=gpus), **env}, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def wait_until_settled(job: str, timeout: float = 600) -> dict:
+    """The job's fields once it has ended, or as soon as it was requeued (Restarts > 0: a job that requeues itself
+    after every run never ends; the test fails on the first requeue instead of waiting for it)."""
+    deadline = time.time() + timeout
+    while True:
+        fields = job_states(job)[job]
+        if fields["JobState"] in DONE or fields["Restarts"] != "0":
+            return fields
+        assert time.time() < deadline, f"job {job} still {fields['JobState']} after {timeout} s"
+        time.sleep(0.5)
+
+
+def cancel_for_good(job: str) -> None:
+    """Cleanup: cancel the job, and again if it requeued itself instead of ending (what these tests look for)."""
+    for _ in range(3):
+        if job_states(job)[job]["JobState"] in DONE:
+            return
+        subprocess.run(["scancel", job], capture_output=True)
+        deadline = time.time() + 60
+        while job_states(job)[job]["JobState"] not in DONE | {"PENDING"} and time.time() < deadline:
+            time.sleep(0.5)
+
+
+def wait_for_steps(job: str, log: Path, metrics: Path, steps: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= steps):
+        assert time.time() < deadline, f"no {steps} training steps in {timeout} s:\n" + (
+            log.read_text()[-3000:] if log.exists() else "(no job output yet)")
+        assert job_states(job)[job]["JobState"] not in DONE, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_scancel_cancels_the_job_instead_of_requeueing_it(cluster, tmp_path):
+    """A plain `scancel JOB` of a running phase: Slurm sends SIGTERM to every step and to the batch shell. The job
+    ends CANCELLED; the batch shell does not put it back in the queue (a user must not have to cancel twice),
+    whether or not the ranks managed to save before Slurm's KillWait ran out."""
+    log, run = tmp_path / "e2e.out", tmp_path / "tiny"
+    job = submit("e2e.sh", log, str(TINY), "data.train_limit=8192", "e2e.log_every_steps=1", f"run.out_dir={tmp_path}")
+    try:
+        wait_for_steps(job, log, run / "e2e" / "metrics.jsonl", 2)
+        subprocess.run(["scancel", job], check=True)
+        fields = wait_until_settled(job)
+        time.sleep(3)  # a requeue would show by now
+        fields = job_states(job)[job]
+        text = log.read_text()
+        assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "0"), f"{fields['JobState']}, " \
+            f"restarts {fields['Restarts']}:\n{text[-3000:]}"
+        assert "requeueing" not in text and "restart 1:" not in text, text[-3000:]
+        assert "[slurm] TERM: the job is ending" in text, text[-3000:]
+    finally:
+        cancel_for_good(job)
+    assert not any((ROOT / "runs" / ".stop").glob(f"job-{job}*"))
+
+
+def test_a_failing_module_of_a_farm_fails_the_job_instead_of_requeueing_it(cluster, with_meta):
+    """A one-node farm (one torchrun, two module groups) where module 0's group hits a non-finite loss, a failure that
+    recurs on every run: torchrun stops the healthy group with SIGTERM (it may save), and the job must end FAILED with
+    the error as the last lines of its log, not requeue itself into the same failure again and again (its
+    afternotok check job would never run)."""
+    log = with_meta / "incubate.out"
+    # module 1's group must still be training when module 0's fails at its first step: 256 steps of its own
+    job = submit("incubate.sh", log, str(TINY), f"run.out_dir={with_meta}", "data.train_limit=16384",
+                 "incubate.log_every_steps=1", gpus=2,
+                 MODASM_FAULT_NONFINITE="loss@1", MODASM_FAULT_PHASE="incubate[0]")
+    try:
+        fields = wait_until_settled(job)
+        text = log.read_text()
+        assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0"), f"{fields['JobState']}, " \
+            f"restarts {fields['Restarts']}:\n{text[-4000:]}"
+        assert fields["ExitCode"] != "0:0", fields["ExitCode"]
+        assert "group 2/2 (rank 1): modules [0]" in text  # the failing module had a group of its own
+        assert "requeueing" not in text, text[-4000:]
+        tail = text.rstrip().splitlines()[-3:]
+        assert "failed: the step exited" in "\n".join(tail), "\n".join(tail)
+        assert "incubate[0]: non-finite loss at step 1/256" in tail[-1], "\n".join(tail)
+    finally:
+        cancel_for_good(job)
+    assert not any((ROOT / "runs" / ".stop").glob(f"job-{job}*"))
+
+
+def test_a_rank_that_never_stops_is_killed_and_the_job_requeues(cluster, tmp_path):
+    """The time limit's USR1 while a rank hangs (stuck in I/O or a collective: it never reaches its next step): the
+    batch shell waits MODASM_STOP_TIMEOUT seconds, kills the job's steps and requeues the job (instead of waiting
+    into the time limit, a TIMEOUT); the rerun resumes from the newest complete checkpoint and finishes."""
+    log, run = tmp_path / "e2e.out", tmp_path / "tiny"
+    job = submit("e2e.sh", log, str(TINY), "data.train_limit=1024", "e2e.ckpt_every_steps=2", "e2e.log_every_steps=1",
+                 f"run.out_dir={tmp_path}", MODASM_STOP_TIMEOUT="5", MODASM_FAULT_HANG_AT_STEP="3",
+                 MODASM_FAULT_RESTART="0")
+    try:
+        deadline = time.time() + 300
+        while "hanging after step 3" not in (log.read_text() if log.exists() else ""):
+            assert time.time() < deadline and job_states(job)[job]["JobState"] not in DONE, \
+                log.read_text()[-3000:] if log.exists() else "(no job output)"
+            time.sleep(0.2)
+        signalled = time.time()
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        deadline = signalled + 60
+        while job_states(job)[job]["Restarts"] == "0":
+            assert time.time() < deadline, f"not requeued {time.time() - signalled:.0f} s after USR1 (a rank hangs; " \
+                f"stop timeout 5 s): {job_states(job)[job]['JobState']}\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        states = wait([job])
+    finally:
+        cancel_for_good(job)
+    text = log.read_text()
+    assert state(states, job) == "COMPLETED" and states[job][0]["Restarts"] == "1", text[-4000:]
+    assert "the ranks did not stop within 5 s" in text and f"[slurm] requeueing job {job}" in text, text[-4000:]
+    assert "[e2e] resuming from step 2/16" in text, text[-4000:]
+    assert (run / "e2e" / "export" / "manifest.json").exists()
