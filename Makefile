@@ -13,7 +13,7 @@ endif
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: setup data demo test test-fast reliability-report bench-data bench-speed bench-farm bench-step gpu-bundle gpu-check-dry shards clean
+.PHONY: setup data demo study test test-fast reliability-report bench-data bench-speed bench-farm bench-step gpu-bundle gpu-check-dry shards clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -38,6 +38,13 @@ data:
 
 demo: setup data
 	$(BIN)/python launch/pipeline.py recipes/demo-fmnist.yaml data.root=$(FMNIST)
+
+# The depth study (docs/studies/): its lr sweep, then the study. Finished cells are skipped (their results are kept
+# in docs/studies/<study>/cells), an interrupted one resumes: re-run to continue. One thread per cell; for device-hours
+# comparable with the committed ones pin it to one core: taskset -c 0 make study. STUDIES=... runs others.
+STUDIES ?= studies/fmnist-depth-tune.yaml studies/fmnist-depth.yaml
+study: setup data
+	for s in $(STUDIES); do $(BIN)/python launch/study.py $$s || exit $$?; done
 
 test: setup data
 	$(BIN)/python -m pytest -q --durations=15

@@ -131,7 +131,7 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
     ax.set_title("Accuracy vs cost: assembled path vs end-to-end")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    files.append(_save(fig, out / "accuracy_vs_cost.png"))
+    files.append(save_figure(fig, out / "accuracy_vs_cost.png"))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for k in inc:
@@ -142,7 +142,7 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    files.append(_save(fig, out / "incubation.png"))
+    files.append(save_figure(fig, out / "incubation.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in ["meta", *inc, "assemble", "e2e"]:
@@ -152,11 +152,12 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
     ax.set(xlabel="optimizer step (of each phase)", ylabel="training loss", title="Training loss per phase")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    files.append(_save(fig, out / "loss.png"))
+    files.append(save_figure(fig, out / "loss.png"))
     return files
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (tight layout, 110 dpi) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

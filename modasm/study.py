@@ -46,6 +46,7 @@ import yaml
 from .config import PHASES, Recipe, fingerprint, fingerprint_changes, load_recipe
 from .errors import UserError
 from .metrics import read_jsonl
+from .report import save_figure
 from .shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,7 +488,7 @@ def plot(study: Study, rows: list[dict], out: Path) -> list[Path]:
         ax.set(title=f"{study.panel} {pv}", xlabel="cumulative device-hours (wall x ranks)", ylabel="test top-1 %")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    files.append(_save(fig, out / "top1_vs_device_hours.png"))
+    files.append(save_figure(fig, out / "top1_vs_device_hours.png"))
 
     numeric = all(_is_number(v) for v in panels)
     if numeric:
@@ -504,7 +505,7 @@ def plot(study: Study, rows: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel=study.panel, ylabel="test top-1 % (last epoch), mean ± std", title=f"top-1 vs {study.panel}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        files.append(_save(fig, out / f"top1_vs_{study.panel}.png"))
+        files.append(save_figure(fig, out / f"top1_vs_{study.panel}.png"))
     return files
 
 
@@ -514,15 +515,6 @@ def _is_number(v: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def write(study: Study) -> Path | None:
