@@ -203,3 +203,44 @@ def assert_export_is_master(export_dir: Path, ckpt_dir: Path, model_cfg, layout:
     assert names == set(master), f"not exported: {sorted(set(master) - names)[:5]}"
     if bf16:  # the fp32 masters, not bf16-rounded copies
         assert beyond_bf16 >= len(names) // 2, f"only {beyond_bf16} of {len(names)} tensors hold non-bf16 values"
+
+
+def adam_moves_at_most(lr: float, steps: int, betas: tuple = (0.9, 0.999)) -> float:
+    """The most ``steps`` steps of Adam(W) without weight decay at learning rates <= ``lr`` can move one element,
+    whatever its gradients: sum over t of lr x max |m_hat_t| / sqrt(v_hat_t). By Cauchy-Schwarz over the moments'
+    exponential sums, |m_hat_t| / sqrt(v_hat_t) <= (1 - b1) / (1 - b1^t) x sqrt((1 - b2^t) / (1 - b2)) x
+    sqrt(sum_{j<t} (b1^2 / b2)^j): 1 at t = 1, 1.03 at t = 8 for betas 0.9 / 0.999 (eps only makes it smaller)."""
+    b1, b2 = betas
+    return lr * sum((1 - b1) / (1 - b1 ** t) * ((1 - b2 ** t) / (1 - b2)) ** 0.5
+                    * sum((b1 * b1 / b2) ** j for j in range(t)) ** 0.5 for t in range(1, steps + 1))
+
+
+def key_bias_rows(name: str, t) -> slice | None:
+    """The key part of an attention's qkv bias (rows D..2D of ``*.attn.qkv.bias``), else None. Softmax ignores a
+    bias added to every key (q.(k_j + b) shifts all of a query's scores by q.b), so its exact gradient is 0 and
+    what it gets is rounding noise: Adam's m / sqrt(v) turns that noise into moves of up to lr a step, different
+    in two runs that round differently (other thread counts, ranks, compiled kernels)."""
+    if not name.endswith("attn.qkv.bias"):
+        return None
+    d = t.shape[0] // 3
+    return slice(d, 2 * d)
+
+
+def assert_same_training(a: dict, b: dict, atol: float, lr: float, steps: int, what: str = "") -> None:
+    """Two runs' weights after the same ``steps`` AdamW steps that differ only in rounding: within ``atol`` (the
+    caller derives it from the rounding), except the key part of qkv biases, whose moves are rounding noise made
+    lr-sized by Adam: within what the two runs can move them apart, 2 x adam_moves_at_most(lr, steps)."""
+    import torch
+    assert a.keys() == b.keys(), what
+    noise = 2 * adam_moves_at_most(lr, steps)
+    for n in a:
+        rows = key_bias_rows(n, a[n])
+        if rows is None:
+            torch.testing.assert_close(b[n], a[n], rtol=0, atol=atol, msg=lambda m: f"{what} {n}: {m}")
+            continue
+        keep = torch.ones(a[n].shape[0], dtype=torch.bool)
+        keep[rows] = False
+        torch.testing.assert_close(b[n][keep], a[n][keep], rtol=0, atol=atol,
+                                   msg=lambda m: f"{what} {n}, query/value rows: {m}")
+        torch.testing.assert_close(b[n][rows], a[n][rows], rtol=0, atol=noise,
+                                   msg=lambda m: f"{what} {n}, key rows (rounding noise, <= {noise:.3g}): {m}")

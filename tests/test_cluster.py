@@ -11,10 +11,9 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import K4, ROOT, TINY, copy_meta, launch, launch_cmd, launch_env
+from conftest import K4, ROOT, TINY, assert_same_training, copy_meta, launch, launch_cmd, launch_env
 from modasm import phases
 from modasm.config import load_recipe
 
@@ -102,6 +101,9 @@ def test_a_module_stopped_on_two_ranks_resumes_on_one(meta4, tmp_path):
     assert f"resuming from step {saved}/8" in res.stdout and "on 1 ranks (saved by 2)" in res.stdout
     a, b = load_file(str(_export(ref, 1) / "module-01.safetensors")), load_file(str(_export(out, 1) / "module-01.safetensors"))
     # the same samples make every step (the position is global); only the order of the fp32 sums differs
-    # (2 partial gradients summed vs one), ~1e-7 relative per step, which 8 Adam steps keep far below 1e-5
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    # (2 partial gradients summed vs one): a gradient element, an fp32 sum of ~1e3 products, by r <~ 1e-4 of
+    # itself; AdamW's update then differs by <= r x lr (2.5e-8) and each step's rounding by <= 1 ulp of the weight
+    # (<= 1.2e-7 for |w| <= 1): 8 steps stay below 1e-6, a tenth of the 1e-5 allowed. The key rows of the qkv
+    # biases (their gradient is rounding noise) within what 8 AdamW steps at the incubation's lr move them apart.
+    recipe = load_recipe(TINY, ov[:-1])
+    assert_same_training(a, b, 1e-5, recipe.incubate.lr * recipe.incubate.batch_size / 512, 8, "module 1:")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, assert_export_is_master, launch
+from conftest import TINY, assert_export_is_master, assert_same_training, launch
 from modasm.config import load_recipe
 from modasm.metrics import read_jsonl
 
@@ -33,10 +33,19 @@ def _assemble(src, dst, *ov, nproc=0):
 # weights are the LayerNorm gains (|w| ~ 1, ulp 1.19e-7), so 8 steps can differ by <= 8 x 1.19e-7 =
 # 9.5e-7 (measured: 2.2e-7). ATOL = 2e-6 covers that bound twice over and is 1/300 of the most a weight
 # moves in this fine-tune (6.0e-4; the test requires > 100 x ATOL), so a real divergence fails.
+# One kind of element does cancel to zero exactly: the key part of every qkv bias (softmax ignores a bias added
+# to every key), so its gradient is rounding noise, which Adam turns into lr-sized moves that differ between the
+# runs: it is held to what 8 AdamW steps can move it apart, 2 x adam_moves_at_most(lr, 8) = 2.0e-3
+# (conftest.assert_same_training).
 # The weights alone cannot catch a gradient summed over the ranks instead of averaged: Adam is invariant to
 # the gradient's scale and clipping rescales it (measured: summed, the weights still agree to 1.4e-7). The
-# logged gradient norm (before clipping) is not: it doubles. So the runs' norms must agree to 1e-6 relative.
-ATOL, GRAD_NORM_RTOL = 2e-6, 1e-6
+# logged gradient norm (before clipping) is not: it doubles (one rank's gradient alone: off by ~30 %). The norms
+# of the two runs differ by rounding only: every gradient element is an fp32 sum of <= 64 samples x 17 tokens
+# ~ 1.1e3 products, taken in another order, so it differs by <= 1.1e3 x u (6.6e-5) of the sum of its terms'
+# magnitudes, which the samples' partial cancellation can make a few times the sum itself: GRAD_NORM_RTOL = 1e-3
+# holds on any CPU (measured here: 1.2e-7) and is 1/300 of the smallest error it is there to catch.
+ATOL, GRAD_NORM_RTOL = 2e-6, 1e-3
+LR = 1e-3 * 64 / 512  # the tiny recipe's assemble: peak lr x batch / 512
 
 
 def test_two_ranks_match_one_rank(incubated, tmp_path):
@@ -57,8 +66,8 @@ def test_two_ranks_match_one_rank(incubated, tmp_path):
         b = load_file(str(two / "export" / f"module-{m:02d}.safetensors"))
         inc = load_file(str(incubated / "tiny" / "incubate" / f"module-{m:02d}" / "export" /
                             f"module-{m:02d}.safetensors"))
+        assert_same_training(a, b, ATOL, LR, 8, f"module {m}")
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=f"module {m} {k}")
             moved = max(moved, (a[k] - inc[k]).abs().max().item())
     assert moved > 100 * ATOL, f"fine-tuning moved the weights by at most {moved:.3g}: too little to compare"
     norms = [[r["grad_norm"] for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "train"] for d in (one, two)]
