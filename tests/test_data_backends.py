@@ -242,7 +242,7 @@ def test_dali_runs_its_pipeline_and_agrees_with_nvjpeg(jpegs):
 
 
 def tensor_aug_decode(batch, tf):
-    from modasm.data.transforms import decode_on_device
+    from modasm.data.nvjpeg import decode_on_device
     return decode_on_device(batch.x, batch.plans, batch.keys, tf.planner.transform, CPU)
 
 
@@ -271,12 +271,46 @@ def test_undecodable_samples_become_bad_records(jpegs, backend):
     done = tf.to_device(batch, CPU)
     assert done.keys == ["k0", "k3", "k4"] and done.y.tolist() == [0, 3, 4] and done.x.shape == (3, 3, 32, 32)
     # a cut JPEG that reaches the device decoder (torchvision raises, PIL refuses it): dropped as Bad
-    from modasm.data.transforms import decode_on_device
+    from modasm.data.nvjpeg import decode_on_device
     plan = tf.from_bytes(jpegs[1], "shard.tar#1", "k1", 1).plan
     x, ok, bad = decode_on_device([batch.x[0], torch.frombuffer(bytearray(cut), dtype=torch.uint8)],
                                   [batch.plans[0], plan], ["k0", "k1"], tf.planner.transform, CPU)
     assert ok == [0] and x.shape == (1, 3, 32, 32) and [b.key for b in bad] == ["k1"]
     assert "truncated" in bad[0].reason and bad[0].where == "shard.tar#1"
+
+
+class _RecordingStream:
+    """What torch.cuda.current_stream(device) returns on a GPU, none here: it records the device and each wait."""
+    calls: list = []
+
+    def __init__(self, device):
+        self.device = device
+
+    def synchronize(self):
+        self.calls.append(("synchronize", self.device))
+
+
+def test_nvjpeg_drains_the_devices_stream_before_every_decode(jpegs, monkeypatch):
+    """On a GPU, decode_jpeg must not start while work is still queued on the caller's stream (it can overwrite
+    live tensors: modasm/data/nvjpeg.py). No GPU here: the decode path runs with a CUDA device against streams that
+    record their calls, up to torchvision's decode_jpeg, which then fails for want of a GPU. A wait recorded before
+    that failure came before the decode: one before the batch's decode and one before each sample's retry."""
+    from modasm.data import nvjpeg
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_RecordingStream, "calls", [])
+    monkeypatch.setattr(torch.cuda, "current_stream", _RecordingStream)
+    data = torch.frombuffer(bytearray(jpegs[0]), dtype=torch.uint8)
+    with pytest.raises(RuntimeError):  # torchvision's decode_jpeg on a CUDA device, on a machine without one
+        nvjpeg.decode_jpegs([data], cuda)
+    assert _RecordingStream.calls == [("synchronize", cuda)]
+    _RecordingStream.calls.clear()
+    tf, _ = image_transforms(AugConfig(**{**DEIT.__dict__, "re_prob": 0.0}), 32, "nvjpeg")
+    batch = collate([(tf.from_bytes(d, "f", f"k{i}", i), i, f"k{i}") for i, d in enumerate(jpegs[:3])])
+    x, ok, bad = nvjpeg.decode_on_device(batch.x, batch.plans, batch.keys, tf.planner.transform, cuda)
+    assert x is None and ok == [] and [b.key for b in bad] == ["k0", "k1", "k2"]  # nothing reaches a CUDA device here
+    assert _RecordingStream.calls == [("synchronize", cuda)] * 4
+    assert nvjpeg.decode_jpegs([data], CPU)[0].shape[1:] == _pil(jpegs[0]).size[::-1] and \
+        _RecordingStream.calls == [("synchronize", cuda)] * 4  # on the CPU there is nothing to wait for
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ own readers and random operators are not used: they would bypass the samplers (e
 resume) and draw from DALI's RNG instead of the sample's seed.
 
 Without a GPU (``device_id=None``) the same pipeline runs on the CPU: what the tests use. A sample DALI
-cannot decode fails its whole batch; that batch is then decoded by the nvjpeg path (torchvision), which
+cannot decode fails its whole batch; that batch is then decoded by the nvjpeg path (``nvjpeg``), which
 drops just the bad samples, and the pipeline is rebuilt.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from . import tensor_aug
+from .nvjpeg import decode_on_device
 
 
 def _import_dali():
@@ -94,7 +95,6 @@ class DaliDecoder:
 
     def __call__(self, datas: list, plans: list, keys: list):
         """(uint8 [B', C, H, W] on the device, indices kept, Bad records), like ``decode_on_device``."""
-        from .transforms import decode_on_device
         jpeg = [i for i, d in enumerate(datas) if d.ndim == 1]  # others were decoded by PIL in the loader
         if len(datas) > self.MAX_BATCH:
             raise UserError(f"data.backend=dali takes at most {self.MAX_BATCH} images per batch per rank")

@@ -17,6 +17,8 @@ from PIL import Image
 from ..config import AugConfig
 from . import tensor_aug
 from .contract import Bad, Batch, decode_image
+from .dali import DaliDecoder
+from .nvjpeg import decode_on_device
 from .tensor_aug import Plan
 
 
@@ -196,7 +198,6 @@ class ImageTransform(SeededTransform):
             return batch._replace(x=tensor_aug.finish(x, batch.plans, self.mean, self.std, self.erase_mode), y=y)
         if self.backend == "dali":
             if self._dali is None:
-                from .dali import DaliDecoder
                 self._dali = DaliDecoder(self.planner.transform, device)
             pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys)
         else:
@@ -209,50 +210,6 @@ class ImageTransform(SeededTransform):
 
     def __getstate__(self):  # the DALI pipeline stays in the training process
         return {**self.__dict__, "_dali": None}
-
-
-def _decode_one(data: torch.Tensor, device: torch.device):
-    """One sample: decode_jpeg on the device; failing that, PIL on the CPU (what the pil backend reads)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    if data.ndim == 3:  # decoded in the loader (not a plain JPEG)
-        return data.to(device)
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        img = decode_image(data.numpy().tobytes(), "", "")
-        if isinstance(img, Bad):
-            raise ValueError(img.reason) from None
-        return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(device)
-
-
-def decode_on_device(datas: list, plans: list, keys: list, planner, device: torch.device):
-    """(uint8 [B', C, H, W] on ``device``, indices of the samples kept, Bad records of the others).
-
-    The JPEGs of a batch go to ``torchvision.io.decode_jpeg`` in one call (nvJPEG's batched decode on a
-    GPU); if that fails, sample by sample, so that only an undecodable sample is dropped.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-    imgs = [None] * len(datas)
-    jpeg = [i for i, d in enumerate(datas) if d.ndim == 1]
-    if jpeg:
-        try:
-            for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
-                imgs[i] = img
-        except RuntimeError:
-            pass
-    bad, ok, out = [], [], []
-    for i, d in enumerate(datas):
-        try:
-            img = imgs[i] if imgs[i] is not None else _decode_one(d, device)
-        except (RuntimeError, ValueError) as e:
-            bad.append(Bad(keys[i], plans[i].where, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-            continue
-        if tuple(img.shape[1:]) != tuple(plans[i].size):
-            bad.append(Bad(keys[i], plans[i].where, f"decoded {tuple(img.shape[1:])}, header said {plans[i].size}"))
-            continue
-        ok.append(i)
-        out.append(tensor_aug.execute(img, plans[i], planner))
-    return (torch.stack(out) if out else None), ok, bad
 
 
 class SeededMixup:
