@@ -52,8 +52,8 @@ def init() -> DistInfo:
     if lone:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():  # more ranks than GPUs on a node (a farm on one GPU) share them round robin
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if torch.cuda.is_available():
+        device = bind_device(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -67,6 +67,19 @@ def init() -> DistInfo:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return DistInfo(rank=dist.get_rank(), world=world, local_rank=local_rank, device=device,
                     nodes=max(1, world // max(per_node, 1)))
+
+
+def bind_device(local_rank: int, gpus: int, environ=os.environ) -> torch.device:
+    """The GPU of the rank with this local rank on a node of ``gpus``: more ranks than GPUs (a farm on one GPU,
+    benchmarks/gpu_check.sh) share them round robin. DeepSpeed takes the GPU from LOCAL_RANK itself, not from the
+    current device (0.19.8: engine._set_distributed_vars calls set_device(LOCAL_RANK); zero.Init and zero.utils use
+    device_name(os.environ["LOCAL_RANK"])), so LOCAL_RANK is set to the GPU's index when the two differ: rank 1 of
+    two on one GPU would otherwise ask for cuda:1, an invalid device ordinal. ``DistInfo.local_rank`` keeps the
+    launcher's."""
+    index = local_rank % gpus
+    if index != local_rank:
+        environ["LOCAL_RANK"] = str(index)
+    return torch.device("cuda", index)
 
 
 def default_groups(K: int, world: int, multiple_of: int = 1) -> int:

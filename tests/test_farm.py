@@ -57,6 +57,20 @@ def test_farm_over_more_nodes_than_modules_is_refused(tiny):
     phases.check_farm(tiny("incubate.groups=2"), 2)
 
 
+@pytest.mark.parametrize("local_rank,gpus,index", [(0, 1, 0), (1, 1, 0), (3, 2, 1), (5, 8, 5)])
+def test_ranks_beyond_the_gpus_share_them_and_deepspeed_is_told(local_rank, gpus, index):
+    """More ranks than GPUs on a node (gpu_check.sh's farm: 2 ranks on 1 GPU) share them round robin, and DeepSpeed
+    gets the same GPU: it takes the device from LOCAL_RANK (engine._set_distributed_vars, zero.Init), through its
+    CUDA accelerator's device_name (used here as DeepSpeed uses it; no GPU needed to name one). Before, rank 1 of two
+    on one GPU kept LOCAL_RANK=1 and DeepSpeed asked for cuda:1: an invalid device ordinal."""
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+    env = {"LOCAL_RANK": str(local_rank)}
+    device = dist.bind_device(local_rank, gpus, env)
+    assert device == torch.device("cuda", index)
+    assert torch.device(CUDA_Accelerator().device_name(int(env["LOCAL_RANK"]))) == device
+    assert env["LOCAL_RANK"] == str(index)  # unchanged when every rank has a GPU of its own
+
+
 def _shards(out, k):
     return load_file(str(out / "tiny" / "incubate" / f"module-{k:02d}" / "export" / f"module-{k:02d}.safetensors"))
 
