@@ -2,11 +2,12 @@
 # benchmarks/gpu_check.sh: prove the GPU path on ONE GPU in at most 8 minutes, and write a markdown report.
 #
 # Steps (each timed, PASS/FAIL in the report, a failure does not stop the others; the most telling first):
-#   0. install what the machine lacks from the bundle's wheels (no network), versions of everything
+#   0. install what the machine lacks from the bundle's wheels (no network), versions of everything;
+#      nvJPEG decode ordering: decoded batches vs live tensors while queued kernels run (benchmarks/nvjpeg_check.py)
 #   1. launch/bench.py ViT-H/14 and ViT-B/16: meta, incubate k=0 and k=K-1, assemble at the recipe's micro-batch,
 #      checkpointing off/on (img/s, TFLOP/s, MFU, allocator peak vs launch/estimate.py's prediction)
 #   2. farmed incubation of tests/recipes/tiny.yaml on this one device: the farm in one torchrun
-#      (incubate.groups=2, two one-rank groups), and one torchrun per module group at the same time
+#      (incubate.groups=2, two one-rank groups sharing the GPU), and one torchrun per module group at the same time
 #   3. the demo recipe end to end in bf16 under ZeRO-1 (fp32 gradient accumulation; its accuracy table)
 #   4. launch/bench.py with torch.compile on (compiles take minutes: last; skipped when the budget is spent)
 #
@@ -18,17 +19,20 @@
 #   then read $OUT/gpu_check.md (bench.json: launch/estimate.py RECIPE --measured bench.json; logs/: every step)
 # Dry run (CPU, tiny models, part of the tests so the script cannot rot; its figures mean nothing):
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu-check
-# Options: --budget SECONDS (default 450: no step starts after it), PYTHON=... (default: python3 or python with torch).
+# Options: --budget SECONDS (default 450: no step starts after it), --only STEP,... (run just these steps, e.g.
+# --only install,versions,nvjpeg-order), PYTHON=... (default: this checkout's .venv (make setup) when there is one,
+# else the first of python3, python that has torch: the GPU machine's).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DRY=0; OUT=${OUT:-$ROOT/runs/gpu-check}; BUNDLE=""; BUDGET=450
+DRY=0; OUT=${OUT:-$ROOT/runs/gpu-check}; BUNDLE=""; BUDGET=450; ONLY=""
 while [ $# -gt 0 ]; do  # paths relative to where the script is called from
   case $1 in
     --dry-run) DRY=1 ;;
     --out) OUT=$(realpath -m "$2"); shift ;;
     --bundle) BUNDLE=$(realpath -m "$2"); shift ;;
     --budget) BUDGET=$2; shift ;;
-    *) echo "usage: $0 [--dry-run] [--out DIR] [--bundle DIR] [--budget SECONDS]" >&2; exit 2 ;;
+    --only) ONLY=",$2,"; shift ;;
+    *) echo "usage: $0 [--dry-run] [--out DIR] [--bundle DIR] [--budget SECONDS] [--only STEP,...]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -37,10 +41,18 @@ cd "$ROOT"
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-}
-for cand in python3 python; do  # the first Python that has torch
+# this checkout's venv (make setup) when there is one: a CPU checkout's python3 on PATH may lack torch, and every
+# step would fail with "No module named torch"; the GPU machine has no .venv (not copied) and a Python with torch
+VENV_PY=${MODASM_VENV:-$ROOT/.venv}/bin/python
+[ -z "$PY" ] && [ -x "$VENV_PY" ] && PY=$VENV_PY
+for cand in python3 python; do  # else the first Python that has torch
   [ -z "$PY" ] && "$cand" -c "import torch" >/dev/null 2>&1 && PY=$cand
 done
-PY=${PY:-python3}
+if [ -z "$PY" ] || ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "gpu_check.sh: no Python with torch (${PY:-none of $VENV_PY, python3, python}): run 'make setup' in $ROOT," \
+       "or pass PYTHON=/path/to/python" >&2
+  exit 2
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
@@ -70,6 +82,9 @@ left() { echo $((DEADLINE - $(date +%s))); }
 step() {
   local name=$1 need=$2; shift 2
   local t0 rc budget; t0=$(date +%s); budget=$(left)
+  if [ -n "$ONLY" ] && [[ $ONLY != *",$name,"* ]]; then
+    SUMMARY+=("| $name | SKIP (not in --only) | 0 |"); return 1
+  fi
   if [ "$budget" -lt "$need" ]; then
     SUMMARY+=("| $name | SKIP (budget: ${budget} s left, needs ~${need} s) | 0 |"); return 1
   fi
@@ -113,9 +128,9 @@ export -f install_missing
 
 versions() {
   "$PY" - <<'EOF'
-import platform, subprocess, torch
+import platform, subprocess, sys, torch
 import deepspeed, timm
-rows = [("python", platform.python_version()), ("torch", torch.__version__), ("CUDA (torch built with)", torch.version.cuda),
+rows = [("python", f"{platform.python_version()} ({sys.executable})"), ("torch", torch.__version__), ("CUDA (torch built with)", torch.version.cuda),
         ("cuDNN", torch.backends.cudnn.version()), ("DeepSpeed", deepspeed.__version__), ("timm", timm.__version__)]
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
@@ -151,7 +166,20 @@ if step install 5 install_missing; then
 fi
 section "Versions"
 step versions 5 versions && cat "$OUT/logs/versions.log" >>"$REPORT"
-printf '\ninstall: %s\n' "$(tail -n 3 "$OUT/logs/install.log" | tr '\n' ' ')" >>"$REPORT"
+printf '\ninstall: %s\n' "$(tail -n 3 "$OUT/logs/install.log" 2>/dev/null | tr '\n' ' ')" >>"$REPORT"
+
+# ---------------------------------------------------------------- 0b. nvJPEG decode ordering
+section "nvJPEG decode while kernels are queued (benchmarks/nvjpeg_check.py; pytorch/vision#9606)"
+cat >>"$REPORT" <<'EOF'
+Tensors freed while kernels that use them are still queued, then a batch decode: ordered = modasm's nvjpeg path (it
+waits for the queued work), unordered = torchvision's decode_jpeg as it is. A bad sum or image is corruption; the
+ordered path must have none (the step fails otherwise).
+
+EOF
+if [ $DRY = 1 ]; then NVJPEG_ARGS="--iters 3"; else NVJPEG_ARGS="--iters 100"; fi
+# shellcheck disable=SC2086
+step nvjpeg-order 20 "$PY" benchmarks/nvjpeg_check.py $NVJPEG_ARGS
+[ -f "$OUT/logs/nvjpeg-order.log" ] && code "$OUT/logs/nvjpeg-order.log"
 
 # ---------------------------------------------------------------- 1. training steps
 bench() {  # bench NAME RECIPE OVERRIDES... -- BENCH_ARGS...
@@ -197,10 +225,11 @@ export -f farm
 section "2. Farmed incubation of tests/recipes/tiny.yaml on one device"
 cat >>"$REPORT" <<'EOF'
 one-torchrun: `torchrun --nproc-per-node=2 launch/incubate.py ... incubate.groups=2`, the farm as it runs on a node
-(two module groups of one rank). On a single GPU both ranks share the device: with modasm/dist.py as it is, rank 1
-asks for cuda:1 and dist.split_world's first barrier is an NCCL collective over two ranks of one device, so this
-step tells whether that path works on one GPU. torchrun-per-group: one torchrun per module group (`--module k`),
-both at once on the same device, each a one-rank NCCL group.
+(two module groups of one rank). On a single GPU both ranks share it: modasm/dist.py binds local rank r to GPU
+r mod (GPUs) and sets LOCAL_RANK to that index, which DeepSpeed takes its device from (else rank 1 asks for cuda:1);
+dist.split_world waits on the rendezvous store, not on an NCCL collective (two ranks of one GPU cannot form an NCCL
+communicator), then each rank is a one-rank NCCL group. torchrun-per-group: one torchrun per module group
+(`--module k`), both at once on the same device, each a one-rank NCCL group.
 
 EOF
 for mode in one-torchrun torchrun-per-group; do

@@ -7,9 +7,52 @@ import pytest
 
 from conftest import ROOT, launch_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
+def _no_torch_path(tmp_path) -> str:
+    """A PATH whose python3 and python have no torch (this interpreter without its site-packages), as on a CPU
+    machine whose system Python lacks it, and no .venv/bin on it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python3", "python"):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in launch_env().items() if k not in ("PYTHON", "MODASM_VENV", "VIRTUAL_ENV")}
+    return {**env, "PATH": _no_torch_path(tmp_path), **extra}
+
+
+def test_gpu_check_takes_the_checkouts_venv(tmp_path):
+    """Run from a CPU checkout without the venv on PATH, the steps use the checkout's .venv (make setup); before,
+    they took python3 from PATH and every step failed with "No module named 'torch'"."""
+    venv_py = ROOT / ".venv" / "bin" / "python"
+    assert venv_py.exists(), f"{venv_py} is missing: make setup (the tests run from this checkout's venv)"
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only",
+                          "install,versions,nvjpeg-order", "--out", str(out)], cwd=ROOT, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    report = (out / "gpu_check.md").read_text()
+    assert res.returncode == 0, report + res.stderr[-3000:]
+    assert re.search(rf"^\| python \| 3\.[\d.]+ \({re.escape(str(venv_py))}\) \|$", report, re.M), report
+    summary = report[report.index("## Summary"):]
+    for name in ("install", "versions", "nvjpeg-order"):
+        assert re.search(rf"^\| {name} \| PASS \| \d+ \|$", summary, re.M), (name, summary)
+    assert re.search(r"^\| demo \| SKIP \(not in --only\) \| 0 \|$", summary, re.M), summary
+    assert re.search(r"^ordered\s+3\s+0\s+0\s", report, re.M), report  # the nvJPEG check's table, in the report
+
+
+def test_gpu_check_without_any_python_with_torch_says_what_to_do(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "o")],
+                         cwd=ROOT, env=_env(tmp_path, MODASM_VENV=str(tmp_path / "none")), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "no Python with torch" in res.stderr and "make setup" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = launch_env(PYTHON=sys.executable)
@@ -20,7 +63,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert report.startswith("# GPU check") and "Dry run on CPU" in report
     assert "| DeepSpeed | 0.19.8 |" in report and "| torch |" in report
     summary = report[report.index("## Summary"):]
-    for name in ("install", "versions", "bench-vit-h14", "bench-vit-b16", "farm-one-torchrun",
+    for name in ("install", "versions", "nvjpeg-order", "bench-vit-h14", "bench-vit-b16", "farm-one-torchrun",
                  "farm-torchrun-per-group", "demo", "bench-vit-b16-compile", "bench-vit-h14-compile"):
         assert re.search(rf"^\| {name} \| PASS \| \d+ \|$", summary, re.M), (name, summary)
     # bench tables (dry run: checkpointing on for each phase; compile on for the target only)
