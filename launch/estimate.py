@@ -11,6 +11,8 @@ from modasm.errors import UserError
 def add(p):
     p.add_argument("--gpu", help=f"one of: {', '.join(g.key for g in perf.GPUS)}")
     p.add_argument("--gpus", type=int, help="GPUs the pipeline gets (incubation: split into module groups)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8, as slurm/*.sh): the "
+                   "incubation farm's module groups split over the nodes")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the cost projection (default 0.4)")
     p.add_argument("--measured", help="launch/bench.py --json results: per-phase MFU measured on a GPU")
     p.add_argument("--budget", type=float, help="device-hours the assembled pipeline may take: the MFU it needs")
@@ -23,7 +25,7 @@ def run():
         raise UserError(f"{args.recipe} names no hardware ('# Sized for: N x GPU'): pass --gpu and --gpus")
     gpus, gpu = args.gpus or header[0], args.gpu or header[1]
     text, _ = estimate.report(recipe, gpu, gpus, args.mfu, args.measured, args.train_images,
-                               budget=args.budget)
+                               budget=args.budget, gpus_per_node=args.gpus_per_node)
     print(text)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, engine, perf, phases
+from . import engine, perf, phases
 from .config import Recipe
 from .errors import UserError
 
@@ -130,12 +130,18 @@ def sections(recipe: Recipe) -> list[str]:
     return ["meta", "incubate", "assemble", "e2e"]
 
 
-def incubation_groups(recipe: Recipe, gpus: int) -> int:
-    G = recipe.incubate.groups or dist.default_groups(recipe.model.K, gpus)
-    if gpus % G or G > recipe.model.K:
-        raise UserError(f"incubate.groups={G} does not split {gpus} GPUs into groups of equal size (or exceeds "
-                        f"K={recipe.model.K})")
-    return G
+def nodes(gpus: int, gpus_per_node: int) -> int:
+    """Nodes of ``gpus_per_node`` that ``gpus`` fill (fewer GPUs than a node holds: one node)."""
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        raise UserError(f"{gpus} GPUs do not fill nodes of {gpus_per_node} (--gpus-per-node): torchrun starts the "
+                        "same number of ranks on every node")
+    return max(1, gpus // gpus_per_node)
+
+
+def incubation_groups(recipe: Recipe, gpus: int, gpus_per_node: int = 8) -> int:
+    """The farm's module groups on ``gpus`` in nodes of ``gpus_per_node``: as slurm/incubate.sh runs it, one torchrun
+    per node, so the groups split over the nodes (``phases.farm_groups``, what the farm itself counts)."""
+    return phases.farm_groups(recipe, gpus, nodes(gpus, gpus_per_node))
 
 
 def phase_model(recipe: Recipe, section: str, k: int | None, ranks: int) -> PhaseModel:
@@ -152,11 +158,11 @@ def phase_model(recipe: Recipe, section: str, k: int | None, ranks: int) -> Phas
                       perf.trace_step(model, dtype=dtype))
 
 
-def phase_models(recipe: Recipe, gpus: int) -> list[PhaseModel]:
+def phase_models(recipe: Recipe, gpus: int, gpus_per_node: int = 8) -> list[PhaseModel]:
     out = []
     for section in sections(recipe):
         if section == "incubate":
-            ranks = gpus // incubation_groups(recipe, gpus)
+            ranks = gpus // incubation_groups(recipe, gpus, gpus_per_node)
             out += [phase_model(recipe, section, k, ranks) for k in range(recipe.model.K)]
         else:
             out.append(phase_model(recipe, section, None, gpus))
@@ -262,16 +268,18 @@ def _gib(b: float) -> str:
 
 def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: str | None = None,
            n_train: int = IMAGENET_TRAIN, n_val: int = IMAGENET_VAL,
-           budget: float | None = None) -> tuple[str, Recommendation]:
+           budget: float | None = None, gpus_per_node: int = 8) -> tuple[str, Recommendation]:
     g = perf.gpu(gpu_key)
     precision, stage, ckpt = recipe.deepspeed.precision, recipe.deepspeed.zero_stage, recipe.speed.checkpointing
-    models = phase_models(recipe, gpus)
+    models = phase_models(recipe, gpus, gpus_per_node)
     rec = recommend(models, precision, g.memory_bytes)
     kind = perf.matmul_precision(precision)
     peak = getattr(g, kind)
     lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.3g} M parameters), "
              f"{precision}, "
              f"ZeRO-{stage}, checkpointing {'on' if ckpt else 'off'}; on {gpus} x {g.key} "
+             f"({nodes(gpus, gpus_per_node)} node(s); incubation: {incubation_groups(recipe, gpus, gpus_per_node)} "
+             "module group(s)) "
              f"({g.memory_mib / 1024:.0f} GiB, plan within {CAPACITY:.0%} = {_gib(CAPACITY * g.memory_bytes)} GiB; "
              f"peak {peak:g} {kind} TFLOP/s)", "",
              "Memory per rank (GiB) at the recipe's ZeRO stage; activations traced on the meta device:",

@@ -213,6 +213,21 @@ def check_farm(recipe: Recipe, launches: int) -> None:
                         "(one job per module) for groups larger than a node")
 
 
+def farm_groups(recipe: Recipe, world: int, launches: int) -> int:
+    """The module groups G of a farm of ``world`` ranks started as ``launches`` torchruns of world / launches ranks
+    (one per node): ``incubate.groups``, or the most that fit (the largest G <= K that divides the ranks and is a
+    multiple of the launches). Checked as ``check_farm`` does, and each launch's G / launches groups must split its
+    ranks equally. launch/estimate.py counts with it too."""
+    check_farm(recipe, launches)
+    G = recipe.incubate.groups or dist.default_groups(recipe.model.K, world, multiple_of=launches)
+    per, here = world // launches, G // launches
+    if per % here:
+        valid = [g for g in range(launches, recipe.model.K + 1, launches) if per % (g // launches) == 0]
+        raise UserError(f"incubate.groups={G}: {here} module groups per node do not split its {per} ranks into equal "
+                        f"groups; valid incubate.groups here: {', '.join(map(str, valid))}")
+    return G
+
+
 def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
                      part: tuple[int, int] = (0, 1)) -> dict[int, dict]:
     """Array mode (``module`` = k): all ranks incubate module k. Farm mode: the farm's ``incubate.groups``
@@ -222,7 +237,6 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
 
     Returns metrics per module this rank took part in; stops early when a module was interrupted.
     """
-    K = recipe.model.K
     p, P = part
     if module is not None:
         if P > 1:  # each launch would train module k into the same directory, deleting the other's checkpoints
@@ -230,8 +244,7 @@ def run_incubate_all(recipe: Recipe, info: DistInfo, module: int | None = None,
                             "the nodes it runs on (slurm/phase.sh launches --module that way), not once per node; "
                             "drop --part, or drop --module to farm the K modules over the nodes")
         return {module: run_incubate(recipe, module, info)}
-    check_farm(recipe, P)
-    G = recipe.incubate.groups or dist.default_groups(K, info.world * P, multiple_of=P)
+    G = farm_groups(recipe, info.world * P, P)
     here = G // P
     if here > 1 and info.nodes > 1:
         raise UserError(f"this torchrun spans {info.nodes} nodes and would hold {here} module groups: groups sharing "

@@ -94,6 +94,48 @@ def test_recommendation_policy(tiny):
     assert rec.zero_stage > 1 and rec.micro == {"e2e": 32} and not rec.checkpointing
 
 
+# (GPUs, GPUs per node, incubate.groups (0: default), K) -> module groups, counted by hand: the farm runs one torchrun
+# per node, each holding whole groups (phases.farm_groups), so G must be a multiple of the nodes and each node's
+# G / nodes groups must split its GPUs equally; the default is the largest such G <= K.
+FARMS = [
+    (24, 8, 0, 4, 3),   # 3 nodes: 4 groups would not split over them (4 % 3); 3 groups of 8, one per node
+    (32, 8, 0, 4, 4),   # vit-h14's header: 4 nodes, one group of 8 per node
+    (16, 8, 0, 4, 4),   # vit-l16's: 2 nodes, 2 groups of 4 on each
+    (8, 8, 0, 4, 4),    # vit-b16's: 1 node, 4 groups of 2
+    (4, 8, 0, 4, 4),    # fewer GPUs than a node holds: one node, a group per GPU
+    (24, 8, 0, 10, 6),  # K=10 on 3 nodes: 8 or 10 groups would not split over them; 6 of 4, two per node
+    (12, 4, 0, 4, 3),   # 3 nodes of 4: 3 groups of 4
+    (16, 8, 2, 4, 2),   # incubate.groups=2 on 2 nodes: one group of 8 per node
+]
+
+
+@pytest.mark.parametrize("gpus,per_node,groups,K,want", FARMS)
+def test_incubation_groups_split_over_the_nodes(tiny, gpus, per_node, groups, K, want):
+    recipe = tiny(f"model.split={[1] * K}", f"incubate.groups={groups}")
+    assert estimate.incubation_groups(recipe, gpus, per_node) == want
+
+
+@pytest.mark.parametrize("gpus,per_node,groups,K,message", [
+    (24, 8, 4, 4, "does not split over the farm's 3 launches"),   # 4 groups on 3 nodes
+    (16, 8, 6, 4, "is more than the K=4 modules"),
+    (16, 8, 6, 8, "3 module groups per node do not split its 8 ranks"),   # 6 groups on 2 nodes of 8
+    (24, 8, 0, 2, "more nodes than the K=2 modules"),   # K=2 on 3 nodes: no default fits
+    (12, 8, 0, 4, "12 GPUs do not fill nodes of 8"),
+])
+def test_incubation_groups_that_the_farm_would_refuse(tiny, gpus, per_node, groups, K, message):
+    recipe = tiny(f"model.split={[1] * K}", f"incubate.groups={groups}")
+    with pytest.raises(ValueError, match=message):
+        estimate.incubation_groups(recipe, gpus, per_node)
+
+
+def test_incubation_ranks_per_group_follow_the_nodes(tiny):
+    """48 GPUs on 3 nodes of 16, K=4: 3 groups of 16 ranks (not 4 of 12, which the nodes cannot hold)."""
+    recipe = tiny("model.split=[1,1,1,1]", *(f"{s}.batch_size=96" for s in ("meta", "incubate", "assemble", "e2e")))
+    pms = estimate.phase_models(recipe, 48, gpus_per_node=16)
+    assert {pm.ranks for pm in pms if pm.section == "incubate"} == {16}
+    assert {pm.ranks for pm in pms if pm.section != "incubate"} == {48}
+
+
 @pytest.mark.slow
 def test_estimate_cli():
     res = launch("estimate.py", str(ROOT / "recipes" / "vit-h14.yaml"), "--gpu", "h100-80gb", "--gpus", "32",
