@@ -113,3 +113,30 @@ def test_high_res_recipes_fine_tune_the_224_runs_targets(recipe, base, timm_name
                                 num_classes=r.model.num_classes)
     assert count(target) == count(ref) and target.pos_embed.shape == (1, (img // r.model.patch_size) ** 2 + 1,
                                                                        r.model.embed_dim)
+
+
+@pytest.mark.parametrize("name", ["vit-b16", "vit-l16", "vit-h14", "vit-b16-384", "vit-l16-384", "vit-h14-392"])
+def test_imagenet_recipes_save_twice_an_epoch(name):
+    """A preemption without grace time (Slurm's GraceTime is 0 unless a site sets it) loses the steps since the last
+    save: with ckpt_every_steps 0, up to an epoch. Every phase but meta saves every half epoch; the header says what
+    that is at the step time launch/estimate.py projects for the hardware it names (40 % MFU assumed), and how
+    GraceTime decides whether anything is lost."""
+    import re
+
+    from modasm import estimate, perf
+    path = ROOT / "recipes" / f"{name}.yaml"
+    recipe, header = load_recipe(path), path.read_text().split("\nrun:")[0]
+    every = {s: getattr(recipe, s).ckpt_every_steps for s in estimate.sections(recipe)}
+    for s, n in every.items():
+        steps = estimate.IMAGENET_TRAIN // getattr(recipe, s).batch_size
+        assert (n == 0) if s == "meta" else (0 < n <= steps // 2 and n > steps // 2 - 25), (s, n, steps)
+    gpus, gpu = estimate.sized_for(path)
+    peak = getattr(perf.gpu(gpu), perf.matmul_precision(recipe.deepspeed.precision)) * 1e12
+    minutes = [every[pm.section] * pm.trace.flops_per_image * getattr(recipe, pm.section).batch_size
+               / (pm.ranks * peak * 0.4) / 60 for pm in estimate.phase_models(recipe, gpus) if pm.section != "meta"]
+    text = " ".join(line.lstrip("# ") for line in header.splitlines())
+    span = f"{min(minutes):.1f} to {max(minutes):.1f} min" if f"{min(minutes):.1f}" != f"{max(minutes):.1f}" \
+        else f"{min(minutes):.1f} min"
+    assert f"every {max(every.values())} steps" in text, text
+    assert f"{span} projected" in text, (span, text)
+    assert re.search(r"GraceTime.*scontrol show partition", text) and "lose nothing" in text, text
