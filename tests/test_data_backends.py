@@ -309,8 +309,12 @@ def test_nvjpeg_drains_the_devices_stream_before_every_decode(jpegs, monkeypatch
     x, ok, bad = nvjpeg.decode_on_device(batch.x, batch.plans, batch.keys, tf.planner.transform, cuda)
     assert x is None and ok == [] and [b.key for b in bad] == ["k0", "k1", "k2"]  # nothing reaches a CUDA device here
     assert _RecordingStream.calls == [("synchronize", cuda)] * 4
-    assert nvjpeg.decode_jpegs([data], CPU)[0].shape[1:] == _pil(jpegs[0]).size[::-1] and \
-        _RecordingStream.calls == [("synchronize", cuda)] * 4  # on the CPU there is nothing to wait for
+    for cpu in (CPU, "cpu"):  # on the CPU there is nothing to wait for (devices come as names too)
+        assert nvjpeg.decode_jpegs([data], cpu)[0].shape[1:] == _pil(jpegs[0]).size[::-1]
+    assert _RecordingStream.calls == [("synchronize", cuda)] * 4
+    with pytest.raises(RuntimeError):
+        nvjpeg.decode_jpegs([data], "cuda:0")
+    assert _RecordingStream.calls == [("synchronize", cuda)] * 5
 
 
 @pytest.mark.slow

@@ -24,13 +24,14 @@ from . import tensor_aug
 from .contract import Bad, decode_image
 
 
-def wait_for_queued_work(device: torch.device) -> None:
+def wait_for_queued_work(device: torch.device | str) -> None:
     """Block until the work queued on ``device``'s current CUDA stream has run (nothing to wait for elsewhere)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
 
-def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """JPEG bytes (uint8, 1-D each) -> RGB uint8 CHW images on ``device``, in one ``decode_jpeg`` call (nvJPEG's
     batched decode on a GPU), after the device's queued work (module docstring)."""
     from torchvision.io import ImageReadMode, decode_jpeg
