@@ -21,7 +21,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu-check
 # Options: --budget SECONDS (default 450: no step starts after it), --only STEP,... (run just these steps, e.g.
 # --only install,versions,nvjpeg-order), PYTHON=... (default: this checkout's .venv (make setup) when there is one,
-# else the first of python3, python that has torch: the GPU machine's).
+# else the first of python3, python that has torch, the GPU machine's: benchmarks/gpu_env.sh).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DRY=0; OUT=${OUT:-$ROOT/runs/gpu-check}; BUNDLE=""; BUDGET=450; ONLY=""
@@ -40,19 +40,9 @@ cd "$ROOT"
 [ $DRY = 1 ] && [ "$BUDGET" = 450 ] && BUDGET=1800  # a loaded 2-core CPU is slower than the GPU machine
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-}
-# this checkout's venv (make setup) when there is one: a CPU checkout's python3 on PATH may lack torch, and every
-# step would fail with "No module named torch"; the GPU machine has no .venv (not copied) and a Python with torch
-VENV_PY=${MODASM_VENV:-$ROOT/.venv}/bin/python
-[ -z "$PY" ] && [ -x "$VENV_PY" ] && PY=$VENV_PY
-for cand in python3 python; do  # else the first Python that has torch
-  [ -z "$PY" ] && "$cand" -c "import torch" >/dev/null 2>&1 && PY=$cand
-done
-if [ -z "$PY" ] || ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "gpu_check.sh: no Python with torch (${PY:-none of $VENV_PY, python3, python}): run 'make setup' in $ROOT," \
-       "or pass PYTHON=/path/to/python" >&2
-  exit 2
-fi
+# shellcheck source=benchmarks/gpu_env.sh
+source "$ROOT/benchmarks/gpu_env.sh"  # gpu_python: PY (this checkout's .venv first); gpu_install: the bundle's wheels
+gpu_python || exit 2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
@@ -100,31 +90,8 @@ section() { printf '\n## %s\n\n' "$1" >>"$REPORT"; }
 code() { printf '```\n' >>"$REPORT"; cat "$@" >>"$REPORT"; printf '```\n' >>"$REPORT"; }
 
 # ---------------------------------------------------------------- 0. install + versions
-install_missing() {
-  "$PY" - "$BUNDLE" "$WORK/site" <<'EOF'
-import importlib.metadata as md, pathlib, re, subprocess, sys
-bundle, site = sys.argv[1], sys.argv[2]
-try:
-    md.version("deepspeed"); print("deepspeed is importable: nothing to install"); sys.exit(0)
-except md.PackageNotFoundError:
-    pass
-wheels = sorted(pathlib.Path(bundle, "wheels").glob("*.whl")) if bundle else []
-if not wheels:
-    sys.exit("DeepSpeed is missing and no wheels were given: make gpu-bundle here, then --bundle build/gpu-bundle")
-missing = []
-for w in wheels:  # the bundle's distributions this Python lacks (deepspeed's requirements, modasm's)
-    name = re.split(r"-\d", w.name, 1)[0]
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        if name not in missing:  # one wheel per platform of the binary ones
-            missing.append(name)
-print("installing from the bundle (no network):", " ".join(missing))
-subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
-                "--find-links", str(pathlib.Path(bundle, "wheels")), *missing], check=True)
-EOF
-}
-export -f install_missing
+install_missing() { gpu_install "$BUNDLE" "$WORK/site"; }
+export -f install_missing gpu_install
 
 versions() {
   "$PY" - <<'EOF'

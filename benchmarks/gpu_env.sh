@@ -1,18 +1,25 @@
 # Sourced by the scripts that run on a lent GPU machine (benchmarks/gpu_study.sh): which Python to run, and what it
 # lacks installed from the bundle `make gpu-bundle` writes (no network there).
-#   gpu_python               sets PY: $PYTHON if set; else this checkout's .venv (a CPU checkout made by `make setup`);
-#                            else the first of python3, python that imports torch (the GPU image's)
+#   gpu_python               sets PY: $PYTHON if set; else this checkout's .venv (a CPU checkout made by `make setup`;
+#                            $MODASM_VENV for a worktree without its own); else the first of python3, python that
+#                            imports torch (the GPU image's). Fails, saying what to do, when PY cannot import torch
+#                            (a CPU checkout's python3 on PATH without it: every step would fail "No module named torch")
 #   gpu_install BUNDLE SITE  installs the bundle's wheels of what PY cannot import (DeepSpeed and its requirements)
 #                            into SITE, to be put on PYTHONPATH; nothing when DeepSpeed is importable
 gpu_python() {
   local root cand
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  local venv_py=${MODASM_VENV:-$root/.venv}/bin/python
   PY=${PYTHON:-}
-  if [ -z "$PY" ] && [ -x "$root/.venv/bin/python" ]; then PY=$root/.venv/bin/python; fi
+  if [ -z "$PY" ] && [ -x "$venv_py" ]; then PY=$venv_py; fi
   for cand in python3 python; do
     if [ -z "$PY" ] && "$cand" -c "import torch" >/dev/null 2>&1; then PY=$cand; fi
   done
-  PY=${PY:-python3}
+  if [ -z "$PY" ] || ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "$(basename "$0"): no Python with torch (${PY:-none of $venv_py, python3, python}): run 'make setup' in" \
+         "$root, or pass PYTHON=/path/to/python" >&2
+    return 1
+  fi
   export PY
 }
 

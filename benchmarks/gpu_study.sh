@@ -29,7 +29,7 @@ done
 cd "$ROOT"
 # shellcheck source=benchmarks/gpu_env.sh
 source "$ROOT/benchmarks/gpu_env.sh"
-gpu_python
+gpu_python || exit 2
 START=$(date +%s)
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
