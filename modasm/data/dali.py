@@ -4,9 +4,9 @@ The loader hands over each sample's bytes and plan (``tensor_aug.Plan``: the cro
 RandAugment ops, the erasing boxes, drawn from the sample's seed as the PIL path draws them). DALI takes the
 bytes and the per-sample crop windows and flips through ``external_source`` and does the pixel work of
 ``decoders.image_slice`` (decode only the window) + ``resize`` (cubic, antialiased) + ``flip``; RandAugment,
-normalising and erasing then run as torch tensor ops on the device (``tensor_aug``), as for nvjpeg. DALI's
-own readers and random operators are not used: they would bypass the samplers (exactly once per epoch, exact
-resume) and draw from DALI's RNG instead of the sample's seed.
+normalising and erasing then run as torch tensor ops on the device for the whole batch (``batch_aug``), as for
+nvjpeg. DALI's own readers and random operators are not used: they would bypass the samplers (exactly once per
+epoch, exact resume) and draw from DALI's RNG instead of the sample's seed.
 
 Without a GPU (``device_id=None``) the same pipeline runs on the CPU: what the tests use. A sample DALI
 cannot decode fails its whole batch; that batch is then decoded by the nvjpeg path (``nvjpeg``), which
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import tensor_aug
-from .nvjpeg import decode_on_device
+from . import batch_aug, tensor_aug
+from .nvjpeg import decode_images, decode_on_device
 
 
 def _import_dali():
@@ -93,8 +93,9 @@ class DaliDecoder:
             return x
         return torch.from_numpy(np.array(out.as_tensor()))
 
-    def __call__(self, datas: list, plans: list, keys: list):
-        """(uint8 [B', C, H, W] on the device, indices kept, Bad records), like ``decode_on_device``."""
+    def __call__(self, datas: list, plans: list, keys: list, batched: bool = True):
+        """(uint8 [B', C, H, W] on the device, indices kept, Bad records), like ``decode_on_device``; RandAugment
+        for the whole batch at once (``batch_aug.rand_augment``) or image by image (``batched=False``)."""
         jpeg = [i for i, d in enumerate(datas) if d.ndim == 1]  # others were decoded by PIL in the loader
         if len(datas) > self.MAX_BATCH:
             raise UserError(f"data.backend=dali takes at most {self.MAX_BATCH} images per batch per rank")
@@ -102,17 +103,26 @@ class DaliDecoder:
             x = self._run([datas[i] for i in jpeg], [plans[i] for i in jpeg]) if jpeg else None
         except Exception:  # an undecodable sample fails the batch and leaves the pipeline unusable
             self.pipe = None
-            return decode_on_device(datas, plans, keys, self.planner, self.device)
-        out = [None] * len(datas)
+            return decode_on_device(datas, plans, keys, self.planner, self.device, batched)
+        out = [None] * len(datas)  # geometry done: DALI's output, or the others decoded and cropped here
         for j, i in enumerate(jpeg):
-            out[i] = tensor_aug.rand_augment(x[j].to(self.device), plans[i])
+            out[i] = x[j]
         rest = [i for i in range(len(datas)) if out[i] is None]
+        bad = []
         if rest:
-            pix, ok, bad = decode_on_device([datas[i] for i in rest], [plans[i] for i in rest],
-                                            [keys[i] for i in rest], self.planner, self.device)
-            for j, k in enumerate(ok):
-                out[rest[k]] = pix[j]
-        else:
-            bad = []
+            imgs, ok, bad = decode_images([datas[i] for i in rest], [plans[i] for i in rest], [keys[i] for i in rest],
+                                          self.device)
+            if ok:
+                done = [rest[k] for k in ok]
+                pix = (batch_aug.geometry(imgs, [plans[i] for i in done], self.planner) if batched
+                       else [tensor_aug.geometry(img, plans[i], self.planner) for img, i in zip(imgs, done)])
+                for j, i in enumerate(done):
+                    out[i] = pix[j]
         kept = [i for i in range(len(datas)) if out[i] is not None]
-        return (torch.stack([out[i] for i in kept]) if kept else None), kept, bad
+        if not kept:
+            return None, kept, bad
+        x = (x if len(kept) == len(jpeg) else torch.stack([out[i] for i in kept])).to(self.device)
+        sel = [plans[i] for i in kept]
+        if batched:
+            return batch_aug.rand_augment(x, sel), kept, bad
+        return torch.stack([tensor_aug.rand_augment(img, p) for img, p in zip(x, sel)]), kept, bad

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import tensor_aug
+from . import batch_aug, tensor_aug
 from .contract import Bad, decode_image
 
 
@@ -52,12 +52,11 @@ def _decode_one(data: torch.Tensor, device: torch.device):
         return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(device)
 
 
-def decode_on_device(datas: list, plans: list, keys: list, planner, device: torch.device):
-    """(uint8 [B', C, H, W] on ``device``, indices of the samples kept, Bad records of the others).
+def decode_images(datas: list, plans: list, keys: list, device: torch.device):
+    """(decoded uint8 CHW images on ``device``, indices of the samples kept, Bad records of the others).
 
     The JPEGs of a batch are decoded in one call (``decode_jpegs``); if that fails, sample by sample, so that
-    only an undecodable sample is dropped. Then each sample's plan (crop, flip, RandAugment) runs on the device.
-    """
+    only an undecodable sample is dropped."""
     imgs = [None] * len(datas)
     jpeg = [i for i, d in enumerate(datas) if d.ndim == 1]
     if jpeg:
@@ -77,5 +76,18 @@ def decode_on_device(datas: list, plans: list, keys: list, planner, device: torc
             bad.append(Bad(keys[i], plans[i].where, f"decoded {tuple(img.shape[1:])}, header said {plans[i].size}"))
             continue
         ok.append(i)
-        out.append(tensor_aug.execute(img, plans[i], planner))
-    return (torch.stack(out) if out else None), ok, bad
+        out.append(img)
+    return out, ok, bad
+
+
+def decode_on_device(datas: list, plans: list, keys: list, planner, device: torch.device, batched: bool = True):
+    """(uint8 [B', C, H, W] on ``device``, indices of the samples kept, Bad records of the others): the batch
+    decoded (``decode_images``), then each sample's plan (crop, flip, RandAugment) run on the device, for the
+    whole batch at once (``batch_aug.execute``) or image by image (``tensor_aug.execute``: ``batched=False``)."""
+    imgs, ok, bad = decode_images(datas, plans, keys, device)
+    if not ok:
+        return None, ok, bad
+    kept = [plans[i] for i in ok]
+    if batched:
+        return batch_aug.execute(imgs, kept, planner), ok, bad
+    return torch.stack([tensor_aug.execute(img, p, planner) for img, p in zip(imgs, kept)]), ok, bad

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..config import AugConfig
-from . import tensor_aug
+from . import batch_aug, tensor_aug
 from .contract import Bad, Batch, decode_image
 from .dali import DaliDecoder
 from .nvjpeg import decode_on_device
@@ -150,6 +150,7 @@ class ImageTransform(SeededTransform):
     def __init__(self, transform, train: bool, backend: str = "pil"):
         super().__init__(transform)
         self.train, self.backend, self.uint8 = train, backend, False
+        self.batched = True  # the device work per batch (batch_aug); False: image by image (tensor_aug; benchmarks)
         names = [type(t).__name__ for t in transform.transforms]
         cut = next(i for i, n in enumerate(names) if n in ("MaybeToTensor", "ToTensor"))
         tail = transform.transforms[cut:]
@@ -195,18 +196,23 @@ class ImageTransform(SeededTransform):
             return batch._replace(x=batch.x.to(device, non_blocking=non_blocking), y=y)
         if isinstance(batch.x, torch.Tensor):  # uint8 pixels (Prefetched)
             x = batch.x.to(device, non_blocking=non_blocking)
-            return batch._replace(x=tensor_aug.finish(x, batch.plans, self.mean, self.std, self.erase_mode), y=y)
+            return batch._replace(x=self._finish(x, batch.plans), y=y)
         if self.backend == "dali":
             if self._dali is None:
                 self._dali = DaliDecoder(self.planner.transform, device)
-            pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys)
+            pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys, self.batched)
         else:
-            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device)
+            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device,
+                                               self.batched)
         if not ok:
             return Batch(None, None, [], batch.bad + bad)
         plans = [batch.plans[i] for i in ok]
-        x = tensor_aug.finish(pixels, plans, self.mean, self.std, self.erase_mode)
+        x = self._finish(pixels, plans)
         return Batch(x, y[torch.as_tensor(ok, device=device)], [batch.keys[i] for i in ok], batch.bad + bad, plans)
+
+    def _finish(self, x: torch.Tensor, plans) -> torch.Tensor:
+        finish = batch_aug.finish if self.batched else tensor_aug.finish
+        return finish(x, plans, self.mean, self.std, self.erase_mode)
 
     def __getstate__(self):  # the DALI pipeline stays in the training process
         return {**self.__dict__, "_dali": None}
