@@ -8,10 +8,8 @@
   stretched by the scale when downscaling; one-hot rows for nearest), computed on the device for the whole batch;
   the flip is the order of Wx's rows, the centre crop the choice of rows. Same pixels as ``tensor_aug.geometry``
   on a GPU (float32 kernel, clamp, round) up to float32 rounding: an output differs, by 1, only where the exact
-  value lies within ~1e-3 of a rounding boundary (tests/test_batch_aug.py). On a CPU the per-image path resamples
-  in uint8 fixed point (torch's native kernel, which rounds its intermediate to uint8) and the dense products cost
-  ~30x the FLOPs of the banded kernel, while a CPU pays no launch cost: there ``resample="auto"`` keeps torch's
-  per-image resize (docs/benchmarks.md has both on a CPU).
+  value lies within ~1e-3 of a rounding boundary (tests/test_batch_aug.py). (On a CPU torchvision resamples uint8
+  in fixed point instead, rounding its intermediate to uint8.)
 * RandAugment (and colour jitter): op by op, each op once on the sub-batch of the samples that drew it at that
   position of their op list, with their magnitudes as per-sample tensors: the same float32 operations as the
   per-sample tensor ops (``tensor_aug._op``), so the same pixels (bit for bit where the op is exact on both paths;
@@ -19,6 +17,10 @@
 * Erasing: the boxes as masks built on the device in one go; const fill by one masked fill; per-pixel or
   per-box noise still drawn box by box from the sample's own generator (the values of the per-sample path), then
   put in place by one masked scatter.
+
+For a GPU: on a CPU, where a launch costs nothing extra, image by image is faster (an image's intermediates stay in
+cache; the dense products have ~30x the FLOPs of torch's banded kernel), so ``to_device`` runs this on accelerators
+only (``ImageTransform.batched``; docs/benchmarks.md has both on a CPU).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ import torch.nn.functional as F
 from ..errors import UserError
 from . import tensor_aug
 
-# the canvas of one resample (float32 elements: 2**25 = 128 MiB); a batch is resampled in chunks of similar sizes
-CANVAS_ELEMENTS = 2 ** 25
-_TAPS = {"bilinear": 2.0, "bicubic": 4.0}  # torch's interp_size of the antialiased kernels
+# the canvas of one resample (float32 elements: 2**24 = 64 MiB); a batch is resampled in chunks of similar sizes
+CANVAS_ELEMENTS = 2 ** 24
+_TAPS = {"bilinear": 2.0, "nearest": 2.0}  # torch's interp_size of the antialiased kernels (bicubic: 4)
 
 
 # ---------------------------------------------------------------- geometry
@@ -54,11 +56,11 @@ def _window(plan, planner) -> tuple:
     return (0, 0, h, w), (rh, rw), tuple(anchor)
 
 
-def _weights(src, dst, start, out: int, cols: int, taps: int, cubic, nearest, flip):
-    """Resampling weights [n, out, cols] of one dimension: row o holds torch's antialiased weights of resized
-    pixel start + o (start + out - 1 - o where flipped) over the n sources of sizes ``src`` resized to ``dst``
-    (float32, as torch's kernel computes them; zero rows outside the resized image); ``taps`` bounds a row's
-    nonzero weights."""
+def _weights(src, dst, start, out: int, taps: int, cubic, nearest, flip):
+    """Resampling weights of one dimension, banded: (columns [n, out, taps] int64, weights [n, out, taps]). Row o
+    holds torch's antialiased weights of resized pixel start + o (start + out - 1 - o where flipped) for sources of
+    sizes ``src`` resized to ``dst`` (float32, as torch's kernel computes them; zero rows outside the resized image);
+    ``taps`` bounds a row's nonzero weights."""
     dev = src.device
     scale = src / dst                                                    # [n] float32 (in / out)
     support = torch.where(cubic, 2.0, 1.0) * scale.clamp(min=1.0)        # interp_size / 2, stretched when downscaling
@@ -72,17 +74,18 @@ def _weights(src, dst, start, out: int, cols: int, taps: int, cubic, nearest, fl
     x = ((j - center[..., None] + 0.5) * invscale[:, None, None]).abs()
     cub = torch.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1,
                       torch.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, torch.zeros_like(x)))
-    lin = (1.0 - x).clamp(min=0.0)
-    w = torch.where(cubic[:, None, None], cub, lin) * (j < xmax[..., None])
+    w = torch.where(cubic[:, None, None], cub, (1.0 - x).clamp(min=0.0)) * (j < xmax[..., None])
     total = w.sum(-1, keepdim=True)
     w = w / total.masked_fill_(total == 0, 1.0)
-    # nearest: torch's source index floor(o * in/out), clamped (one-hot rows)
-    near = torch.minimum((o * scale[:, None]).floor(), src[:, None] - 1)
+    near = torch.minimum((o * scale[:, None]).floor(), src[:, None] - 1)  # nearest: floor(o * in / out), one-hot
     w = torch.where(nearest[:, None, None], (j == near[..., None]).float(), w)
-    valid = (o >= 0) & (o < dst[:, None])                               # rows of the centre crop's padding: zero
-    w = w * valid[..., None]
-    dense = torch.zeros(len(src), out, cols, device=dev)
-    return dense.scatter_add_(2, j.long().clamp(max=cols - 1), w)       # taps past the source carry zero weight
+    w = w * ((o >= 0) & (o < dst[:, None]))[..., None]                   # rows of the centre crop's padding: zero
+    return torch.minimum(j, src[:, None, None] - 1).long(), w             # taps past the source: weight 0, in range
+
+
+def _dense(cols, w, n: int, width: int):
+    """The banded weights as a dense [n, out, width] matrix (each column once per row: the sum is exact)."""
+    return torch.zeros(n, cols.shape[1], width, device=w.device).scatter_add_(2, cols, w)
 
 
 @contextlib.contextmanager
@@ -113,7 +116,33 @@ def _chunks(areas: list[int], sizes: list[tuple], channels: int, budget: int) ->
 
 def _taps(src: int, dst: int, mode: str) -> int:
     """Nonzero weights a row can have: 2 * support + 1 and one for rounding (torch's kernel: xmin, xsize)."""
-    return int(_TAPS.get(mode, 2.0) * max(src / dst, 1.0)) + 3
+    return int(_TAPS.get(mode, 4.0) * max(src / dst, 1.0)) + 3
+
+
+def _canvas(flat, s, n: int, C: int, hc: int, wc: int, zero: int):
+    """[n, C, hc, wc] float32: each sample's source region at the top left, zero around it and wherever the region
+    leaves its image (torchvision's crop pads with 0), gathered from ``flat`` (every image's memory, then a zero) in
+    one index_select; ``s`` int32 [n, k] per sample: region h, w, ..., offset in flat, image h, w, region top, left,
+    the image's strides (c, y, x)."""
+    dev = flat.device
+    c = torch.arange(C, device=dev, dtype=torch.int32)[None, :, None, None]
+    y = torch.arange(hc, device=dev, dtype=torch.int32)[None, None, :, None]
+    x = torch.arange(wc, device=dev, dtype=torch.int32)[None, None, None, :]
+    col = s[:, :, None, None, None]  # column k: [n, 1, 1, 1]
+    yy, xx = col[:, 13] + y, col[:, 14] + x
+    inside = (y < col[:, 0]) & (x < col[:, 1]) & (yy >= 0) & (yy < col[:, 11]) & (xx >= 0) & (xx < col[:, 12])
+    idx = col[:, 10] + c * col[:, 15] + yy * col[:, 16] + xx * col[:, 17]
+    idx = torch.where(inside, idx, zero)
+    return flat.index_select(0, idx.view(-1)).view(n, C, hc, wc).float()
+
+
+def _memory(img):
+    """(the image's elements in memory order, 1-D, its strides): a view for CHW and HWC layouts (torchvision's CPU
+    decoder returns HWC memory as CHW), a copy otherwise."""
+    if not (img.is_contiguous() or img.permute(1, 2, 0).is_contiguous()):
+        img = img.contiguous()
+    flat = img.view(-1) if img.is_contiguous() else img.permute(1, 2, 0).view(-1)
+    return flat, img.stride()
 
 
 def resize_batch(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS) -> torch.Tensor:
@@ -121,53 +150,47 @@ def resize_batch(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS
     dev, C = imgs[0].device, imgs[0].shape[0]
     wins = [_window(p, planner) for p in plans]
     OH, OW = planner.out_size if plans[0].crop is not None else planner.crop_size
-    for p in plans:
-        if p.resample not in ("nearest", "bilinear", "bicubic"):
-            raise UserError(f"resample {p.resample!r} has no batched version here")
     chunks = _chunks([b[2] * b[3] for b, _, _ in wins], [b[2:] for b, _, _ in wins], C, budget)
     order = [i for c in chunks for i in c]
-    # one host->device copy of every sample's numbers, in chunk order: source h, w; resized h, w; anchor y, x;
-    # cubic, nearest, flip; its index in the batch
-    spec = torch.tensor([[wins[i][0][2], wins[i][0][3], *wins[i][1], *wins[i][2], plans[i].resample == "bicubic",
-                          plans[i].resample == "nearest", bool(plans[i].flip), i] for i in order],
-                        dtype=torch.float32).to(dev)
+    mem = [_memory(img) for img in imgs]
+    flat = torch.cat([m for m, _ in mem] + [imgs[0].new_zeros(1)])  # every image, then a zero
+    offsets = [0]
+    for img in imgs:
+        offsets.append(offsets[-1] + img.numel())
+    if flat.numel() >= 2 ** 31:
+        raise UserError(f"a batch of {flat.numel()} decoded pixel values: more than the batched resize indexes "
+                        "(2**31); use a smaller micro-batch")
+    # one host->device copy of every sample's numbers, in chunk order: region h, w; resized h, w; anchor y, x;
+    # cubic (any other mode, as tensor_aug._interp), nearest, flip; index in the batch; offset in flat; image h, w;
+    # region top, left; strides
+    spec = torch.tensor([[*wins[i][0][2:], *wins[i][1], *wins[i][2], plans[i].resample not in ("nearest", "bilinear"),
+                          plans[i].resample == "nearest", bool(plans[i].flip), i, offsets[i], *imgs[i].shape[1:],
+                          *wins[i][0][:2], *mem[i][1]] for i in order], dtype=torch.int32).to(dev, non_blocking=True)
+    sf = spec[:, :9].float()
+    ty = max(_taps(b[2], r[0], p.resample) for (b, r, _), p in zip(wins, plans))
+    tx = max(_taps(b[3], r[1], p.resample) for (b, r, _), p in zip(wins, plans))
+    cubic, nearest, flip = sf[:, 6] > 0, sf[:, 7] > 0, sf[:, 8] > 0
+    ry, wy = _weights(sf[:, 0], sf[:, 2], sf[:, 4], OH, ty, cubic, nearest, torch.zeros_like(flip))
+    rx, wx = _weights(sf[:, 1], sf[:, 3], sf[:, 5], OW, tx, cubic, nearest, flip)
     results, start = [], 0
     for chunk in chunks:
         n, hc, wc = len(chunk), max(wins[i][0][2] for i in chunk), max(wins[i][0][3] for i in chunk)
-        canvas = torch.zeros(n, C, hc, wc, device=dev)
-        for k, i in enumerate(chunk):  # the source region; parts outside the image stay 0 (torchvision's crop pads 0)
-            (top, left, h, w), img = wins[i][0], imgs[i]
-            y0, x0 = max(top, 0), max(left, 0)
-            y1, x1 = min(top + h, img.shape[1]), min(left + w, img.shape[2])
-            canvas[k, :, y0 - top:y1 - top, x0 - left:x1 - left] = img[:, y0:y1, x0:x1]
-        s = spec[start:start + n]
-        start += n
-        cubic, nearest, flip = s[:, 6] > 0, s[:, 7] > 0, s[:, 8] > 0
-        ty = max(_taps(wins[i][0][2], wins[i][1][0], plans[i].resample) for i in chunk)
-        tx = max(_taps(wins[i][0][3], wins[i][1][1], plans[i].resample) for i in chunk)
-        wy = _weights(s[:, 0], s[:, 2], s[:, 4], OH, hc, ty, cubic, nearest, torch.zeros_like(flip))
-        wx = _weights(s[:, 1], s[:, 3], s[:, 5], OW, wc, tx, cubic, nearest, flip)
+        end = start + n
+        canvas = _canvas(flat, spec[start:end], n, C, hc, wc, flat.numel() - 1)
+        my, mx = _dense(ry[start:end], wy[start:end], n, hc), _dense(rx[start:end], wx[start:end], n, wc)
+        start = end
         with _ieee_fp32_matmul():
-            rows = torch.bmm(canvas.view(n, C * hc, wc), wx.transpose(1, 2))   # [n, C * hc, OW]
-            results.append(wy[:, None] @ rows.view(n, C, hc, OW))             # [n, C, OH, OW]
+            rows = torch.bmm(canvas.view(n, C * hc, wc), mx.transpose(1, 2))   # [n, C * hc, OW]
+            results.append(my[:, None] @ rows.view(n, C, hc, OW))             # [n, C, OH, OW]
     done = torch.cat(results) if len(results) > 1 else results[0]
     if order == list(range(len(order))):
         return done
     return torch.empty_like(done).index_copy_(0, spec[:, 9].long(), done)
 
 
-def geometry(imgs: list, plans: list, planner, resample: str = "auto", budget: int = CANVAS_ELEMENTS) -> torch.Tensor:
-    """Decoded uint8 CHW images (any sizes, one device) -> uint8 [B, C, H, W]: ``tensor_aug.geometry`` of each.
-
-    ``resample``: "batched" (the matrix products), "per-image" (``tensor_aug.geometry`` image by image), "auto":
-    per-image on a CPU, batched elsewhere (module docstring)."""
-    if resample == "auto":
-        resample = "per-image" if imgs[0].device.type == "cpu" else "batched"
-    if resample == "per-image":
-        return torch.stack([tensor_aug.geometry(img, p, planner) for img, p in zip(imgs, plans)])
-    if resample != "batched":
-        raise ValueError(f"resample={resample!r}: one of auto, batched, per-image")
-    # torchvision's cast of a float resize to uint8 (resize_image: clamp for bicubic, round); nearest is exact
+def geometry(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS) -> torch.Tensor:
+    """Decoded uint8 CHW images (any sizes, one device) -> uint8 [B, C, H, W]: ``tensor_aug.geometry`` of each,
+    resampled as torchvision does it on a GPU (float32, then its cast: clamp, round; nearest is exact)."""
     return resize_batch(imgs, plans, planner, budget).clamp_(0, 255).round_().to(torch.uint8)
 
 
@@ -271,7 +294,7 @@ def _affine(x, p, mode):
 def _run(kind: str, x, f, i):
     """One op on a sub-batch: f [n, k] float32, i [n, k] int64 per-sample numbers."""
     import torchvision.transforms.v2.functional as TF
-    col = lambda t, k: t[:, k, None, None, None]  # noqa: E731
+    fc, ic = f[:, :, None, None, None], i[:, :, None, None, None]  # column k: [n, 1, 1, 1], broadcast per sample
     if kind == "autocontrast":
         return TF.autocontrast(x)
     if kind == "equalize":
@@ -279,19 +302,19 @@ def _run(kind: str, x, f, i):
     if kind == "invert":
         return TF.invert(x)
     if kind == "posterize":
-        return x & col(i, 0).to(torch.uint8)
+        return x & ic[:, 0].to(torch.uint8)
     if kind == "solarize":
-        return torch.where(x >= col(f, 0), x.bitwise_not(), x)
+        return torch.where(x >= fc[:, 0], x.bitwise_not(), x)
     if kind == "solarize_add":
-        return torch.where(x < col(i, 1), (x.to(torch.int16) + col(i, 0)).clamp(0, 255).to(torch.uint8), x)
+        return torch.where(x < ic[:, 1], (x.to(torch.int16) + ic[:, 0]).clamp(0, 255).to(torch.uint8), x)
     if kind == "brightness":
-        return x.mul(col(f, 0)).clamp_(0, 255).to(torch.uint8)
+        return x.mul(fc[:, 0]).clamp_(0, 255).to(torch.uint8)
     if kind == "saturation":
-        return _blend(x, _gray(x), col(f, 0), col(f, 1))
+        return _blend(x, _gray(x), fc[:, 0], fc[:, 1])
     if kind == "contrast":
-        return _blend(x, torch.mean(_gray(x), dim=(-3, -2, -1), keepdim=True), col(f, 0), col(f, 1))
+        return _blend(x, torch.mean(_gray(x), dim=(-3, -2, -1), keepdim=True), fc[:, 0], fc[:, 1])
     if kind == "sharpness":
-        return _sharpness(x, col(f, 1))
+        return _sharpness(x, fc[:, 1])
     if kind == "hue":
         return _hue(x, f[:, 0, None, None])
     if kind.startswith("affine:"):
@@ -318,7 +341,8 @@ def rand_augment(x: torch.Tensor, plans: list) -> torch.Tensor:
     nf, ni = max(len(g[2][0]) for g in groups) or 1, max(len(g[3][0]) for g in groups) or 1
     floats = torch.tensor([r + (0.0,) * (nf - len(r)) for g in groups for r in g[2]], dtype=torch.float64)
     ints = torch.tensor([(s,) + r + (0,) * (ni - len(r)) for g in groups for s, r in zip(g[1], g[3])])
-    floats, ints = floats.to(torch.float32).to(x.device), ints.to(x.device)
+    floats = floats.to(torch.float32).to(x.device, non_blocking=True)  # (pageable: staged, no sync)
+    ints = ints.to(x.device, non_blocking=True)
     start, owned = 0, False
     for kind, idx, _, _ in groups:
         end = start + len(idx)
@@ -334,10 +358,10 @@ def rand_augment(x: torch.Tensor, plans: list) -> torch.Tensor:
     return x
 
 
-def execute(imgs: list, plans: list, planner, resample: str = "auto") -> torch.Tensor:
+def execute(imgs: list, plans: list, planner) -> torch.Tensor:
     """Decoded uint8 CHW images -> the augmented uint8 batch (before normalise and erasing): ``tensor_aug.execute``
     of each image, per batch."""
-    return rand_augment(geometry(imgs, plans, planner, resample), plans)
+    return rand_augment(geometry(imgs, plans, planner), plans)
 
 
 # ---------------------------------------------------------------- normalise + erase
@@ -361,7 +385,7 @@ def erase(x: torch.Tensor, plans, mode: str) -> torch.Tensor:
         box = [(0, 0, 0, 0)] * B  # top, bottom, left, right (empty where a sample has no k-th box)
         for i, (t, l, h, w) in rows:
             box[i] = (t, t + h, l, l + w)
-        box = torch.tensor(box).to(x.device)
+        box = torch.tensor(box).to(x.device, non_blocking=True)
         ys = torch.arange(H, device=x.device)[None, :, None]
         xs = torch.arange(W, device=x.device)[None, None, :]
         mask = ((ys >= box[:, 0, None, None]) & (ys < box[:, 1, None, None]) & (xs >= box[:, 2, None, None])
@@ -381,6 +405,6 @@ def erase(x: torch.Tensor, plans, mode: str) -> torch.Tensor:
             x.masked_scatter_(mask.expand_as(x), noise)
         else:  # one value per channel and box
             vals = torch.zeros(B, C, device=x.device)
-            vals.index_copy_(0, torch.tensor([i for i, _ in rows]).to(x.device), noise.view(-1, C))
+            vals.index_copy_(0, torch.tensor([i for i, _ in rows]).to(x.device, non_blocking=True), noise.view(-1, C))
             x = torch.where(mask, vals[:, :, None, None], x)
     return x

@@ -150,7 +150,7 @@ class ImageTransform(SeededTransform):
     def __init__(self, transform, train: bool, backend: str = "pil"):
         super().__init__(transform)
         self.train, self.backend, self.uint8 = train, backend, False
-        self.batched = True  # the device work per batch (batch_aug); False: image by image (tensor_aug; benchmarks)
+        self.batched = None  # device work per batch (batch_aug) or image by image (tensor_aug); None: per batch off a CPU
         names = [type(t).__name__ for t in transform.transforms]
         cut = next(i for i, n in enumerate(names) if n in ("MaybeToTensor", "ToTensor"))
         tail = transform.transforms[cut:]
@@ -196,22 +196,26 @@ class ImageTransform(SeededTransform):
             return batch._replace(x=batch.x.to(device, non_blocking=non_blocking), y=y)
         if isinstance(batch.x, torch.Tensor):  # uint8 pixels (Prefetched)
             x = batch.x.to(device, non_blocking=non_blocking)
-            return batch._replace(x=self._finish(x, batch.plans), y=y)
+            return batch._replace(x=self._finish(x, batch.plans, device), y=y)
+        batched = self._batched(device)
         if self.backend == "dali":
             if self._dali is None:
                 self._dali = DaliDecoder(self.planner.transform, device)
-            pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys, self.batched)
+            pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys, batched)
         else:
-            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device,
-                                               self.batched)
+            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device, batched)
         if not ok:
             return Batch(None, None, [], batch.bad + bad)
         plans = [batch.plans[i] for i in ok]
-        x = self._finish(pixels, plans)
+        x = self._finish(pixels, plans, device)
         return Batch(x, y[torch.as_tensor(ok, device=device)], [batch.keys[i] for i in ok], batch.bad + bad, plans)
 
-    def _finish(self, x: torch.Tensor, plans) -> torch.Tensor:
-        finish = batch_aug.finish if self.batched else tensor_aug.finish
+    def _batched(self, device) -> bool:
+        """Per batch on an accelerator (its launches cost host time), image by image on a CPU (faster there)."""
+        return torch.device(device).type != "cpu" if self.batched is None else self.batched
+
+    def _finish(self, x: torch.Tensor, plans, device) -> torch.Tensor:
+        finish = batch_aug.finish if self._batched(device) else tensor_aug.finish
         return finish(x, plans, self.mean, self.std, self.erase_mode)
 
     def __getstate__(self):  # the DALI pipeline stays in the training process
