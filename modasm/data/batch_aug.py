@@ -337,20 +337,24 @@ def rand_augment(x: torch.Tensor, plans: list) -> torch.Tensor:
                    for kind, idx in by_kind.items()]
     if not groups:
         return x
-    # every number of the batch in two host->device copies (float32 as torch casts Python scalars; int64)
+    # every number of the batch in two host->device copies (float32 as torch casts Python scalars; int64: the
+    # groups' sample indices, then their integer arguments)
     nf, ni = max(len(g[2][0]) for g in groups) or 1, max(len(g[3][0]) for g in groups) or 1
     floats = torch.tensor([r + (0.0,) * (nf - len(r)) for g in groups for r in g[2]], dtype=torch.float64)
-    ints = torch.tensor([(s,) + r + (0,) * (ni - len(r)) for g in groups for s, r in zip(g[1], g[3])])
+    total = len(floats)
+    ints = torch.tensor([s for g in groups for s in g[1]] + [v for g in groups for r in g[3]
+                                                             for v in r + (0,) * (ni - len(r))])
     floats = floats.to(torch.float32).to(x.device, non_blocking=True)  # (pageable: staged, no sync)
     ints = ints.to(x.device, non_blocking=True)
+    args = ints[total:].view(total, ni)
     start, owned = 0, False
     for kind, idx, _, _ in groups:
         end = start + len(idx)
-        f, i = floats[start:end], ints[start:end, 1:]
+        f, i = floats[start:end], args[start:end]
         if len(idx) == len(x):  # every sample, in order
             x, owned = _run(kind, x, f, i), True
         else:
-            sel = ints[start:end, 0]
+            sel = ints[start:end]
             y = _run(kind, x.index_select(0, sel), f, i)
             x = x.index_copy_(0, sel, y) if owned else x.index_copy(0, sel, y)  # the caller's tensor stays
             owned = True
