@@ -61,6 +61,7 @@ reliability-report: setup data
 # (img/s per core; docs/benchmarks.md). DALI rows need nvidia-dali-cuda130 (the test extra installs it).
 bench-data: setup
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_aug.py --batch 256 --check
 
 # Training-step img/s with and without each fast path of the speed: section (docs/benchmarks.md)
 bench-speed: setup

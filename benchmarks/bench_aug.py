@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-import photos  # noqa: E402
+import photos  # noqa: E402  (imports scikit-learn only when called)
 from modasm.config import load_recipe  # noqa: E402
 from modasm.data import batch_aug, image_transforms, tensor_aug  # noqa: E402
 from modasm.data.nvjpeg import decode_jpegs  # noqa: E402
@@ -37,7 +37,8 @@ from modasm.data.nvjpeg import decode_jpegs  # noqa: E402
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "reshape", "_reshape_alias",
              "as_strided", "slice", "select", "expand", "expand_as", "unsqueeze", "squeeze", "permute", "transpose",
              "t", "unbind", "split", "narrow", "detach", "alias", "lift_fresh", "resolve_conj", "resolve_neg",
-             "view_as", "unflatten", "flatten", "movedim", "moveaxis", "result_type", "is_nonzero", "_local_scalar_dense",
+             "view_as", "unflatten", "flatten", "movedim", "moveaxis", "result_type", "is_nonzero",
+             "_local_scalar_dense",
              "size", "stride", "dim", "numel", "contiguous", "to", "_to_copy", "set_", "resize_", "broadcast_to",
              "meshgrid", "chunk", "split_with_sizes", "diagonal", "_has_compatible_shallow_copy_type", "item",
              "scalar_tensor", "zeros_like_", "type_as", "lift", "_reshape_copy"}
@@ -47,13 +48,15 @@ def count_ops(fn, device) -> dict:
     """Ops recorded by torch.profiler while ``fn`` runs once."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     aten = [e for e in prof.events() if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU]
     leaf = [e for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    out = {"aten": len(aten), "compute": sum(e.name[6:] not in NO_KERNEL for e in leaf)}
+    # compute: leaves that are no view/allocation and touch a tensor with elements (not a Python scalar's 0-dim copy)
+    out = {"aten": len(aten), "compute": sum(e.name[6:] not in NO_KERNEL and any(s for s in e.input_shapes)
+                                             for e in leaf)}
     if device.type == "cuda":
         dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         out["kernels"] = sum(not e.name.startswith(("Memcpy", "Memset")) for e in dev)
@@ -74,14 +77,36 @@ def timed(fn, device) -> tuple[float, float]:
     return host, time.perf_counter() - t0
 
 
+def jpegs(n: int, sides, seed: int = 0) -> tuple[list[bytes], str]:
+    """``n`` JPEG files: crops of real photographs (tests/photos.py, scikit-learn's sample images), or where
+    scikit-learn is missing (the GPU machine) smooth gradients with noise of the same sizes."""
+    try:
+        return photos.jpegs(n, seed=seed, min_side=sides[0], max_side=sides[1], quality=(85, 96)), "JPEG photos"
+    except ImportError:
+        import io
+
+        import numpy as np
+        from PIL import Image
+        rng, out = np.random.default_rng(seed), []
+        for _ in range(n):
+            h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+            yy, xx = np.mgrid[0:h, 0:w]
+            img = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (h + w))], -1)
+            img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=int(rng.integers(85, 96)))
+            out.append(buf.getvalue())
+        return out, "synthetic JPEGs (no scikit-learn)"
+
+
 def setup(n: int, size: int, device: torch.device, sides=(256, 500), seed: int = 0):
-    """(decoded images on ``device``, their plans, the training transform) for ``n`` real JPEG photos."""
+    """(decoded images on ``device``, their plans, the training transform, what they are) for ``n`` JPEGs."""
     aug = load_recipe(ROOT / "recipes" / "vit-b16.yaml").aug
     tf, _ = image_transforms(aug, size, "nvjpeg")
-    blobs = photos.jpegs(n, seed=seed, min_side=sides[0], max_side=sides[1], quality=(85, 96))
+    blobs, kind = jpegs(n, sides, seed)
     encs = [tf.from_bytes(b, "bench", f"k{i}", 10_000 + i) for i, b in enumerate(blobs)]
     imgs = decode_jpegs([e.data for e in encs], device)
-    return imgs, [e.plan for e in encs], tf
+    return imgs, [e.plan for e in encs], tf, kind
 
 
 def rows(imgs, plans, tf):
@@ -121,7 +146,8 @@ def check(imgs, plans, tf) -> list[str]:
             ("RandAugment on the same input", batch_aug.rand_augment(geo, plans),
              torch.stack([tensor_aug.rand_augment(g, p) for g, p in zip(geo, plans)]))):
         d = (got.int() - want.int()).abs()
-        lines.append(f"{name:44s} max |diff| {int(d.max()):3d}   values that differ {float((d > 0).float().mean()):.2e}")
+        frac = float((d > 0).float().mean())
+        lines.append(f"{name:44s} max |diff| {int(d.max()):3d}   values that differ {frac:.2e}")
     return lines
 
 
@@ -137,9 +163,9 @@ def main():
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    imgs, plans, tf = setup(args.batch, args.size, device, tuple(int(v) for v in args.sides.split(",")))
+    imgs, plans, tf, kind = setup(args.batch, args.size, device, tuple(int(v) for v in args.sides.split(",")))
     n = len(imgs)
-    print(f"# {n} decoded JPEG photos (mean {sum(i.shape[2] for i in imgs) / n:.0f} x "
+    print(f"# {n} decoded {kind} (mean {sum(i.shape[2] for i in imgs) / n:.0f} x "
           f"{sum(i.shape[1] for i in imgs) / n:.0f} px) on {device}, one batch, {args.size}^2, DeiT aug of "
           f"recipes/vit-b16.yaml; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")

@@ -7,8 +7,9 @@ times one process with one torch thread (= one core) through the real loaders (r
 augmentation (recipes/vit-b16.yaml: RandAugment m9-mstd0.5-inc1, random erasing 0.25, 224^2), and the
 same with N loader workers. The GPU paths run here on the CPU: the uint8 loader (normalise + erasing after it),
 data.backend=nvjpeg (torchvision's CPU decode_jpeg + the tensor augmentation) and data.backend=dali (DALI's
-CPU mode), each through ``to_device`` as the training loop calls it. Figures go to docs/benchmarks.md
-("Data loading (CPU)").
+CPU mode), each through ``to_device`` as the training loop calls it, with the device work image by image
+(``tensor_aug``; what to_device runs on a CPU) and per batch (``batch_aug``; what it runs on a GPU). Figures go to
+docs/benchmarks.md ("Data loading (CPU)"); benchmarks/bench_aug.py counts the ops of the two device paths.
 """
 import argparse
 import io
@@ -94,19 +95,25 @@ def main():
         ("  same, uint8 out (normalise+erase on GPU)", lambda: [uint8(im) for im in imgs], 1),
         ("eval transform only (resize 256, crop 224)", lambda: [ev(im, None) for im in imgs], 1),
     ]
-    variants = [("pil", False, "")]
+    variants = [("pil", False, "", None)]
     if not args.pil_only:
-        variants += [("pil", True, " [uint8 out; normalise+erase after]"), ("nvjpeg", False, " [nvjpeg on CPU]")]
+        variants += [("pil", True, " [uint8 out; normalise+erase after]", None)]
+        # the device work image by image (before issue 21; what to_device runs on a CPU) and per batch (on a GPU)
+        devices = [("nvjpeg", " [nvjpeg on CPU")]
         from importlib.util import find_spec
         if find_spec("nvidia") and find_spec("nvidia.dali"):
-            variants.append(("dali", False, " [dali CPU mode]"))
+            devices.append(("dali", " [dali CPU mode"))
         else:
             print("# DALI not installed: no dali rows (pip install nvidia-dali-cuda130)")
-    for backend, uint8_out, label in variants:
+        for backend, label in devices:
+            variants += [(backend, False, label + ", aug image by image]", False),
+                         (backend, False, label + ", aug per batch]", True)]
+    for backend, uint8_out, label, batched in variants:
         for source, root in (("imagefolder", tmp / "tree"), ("webdataset", tmp / "wds")):
             cfg = DataConfig(source=source, root=str(root), stream_splits=args.workers * 2, shuffle_buffer=500,
                              backend=backend)
             ds, _ = build_datasets(cfg, args.size, 0, aug)
+            ds.transform.batched = batched
             if args.device != "cpu" and label:
                 jobs.append((f"{source}{label} on {args.device}, {args.workers} loader workers (per GPU)",
                              partial(epoch, ds, args.workers, uint8=uint8_out, device=args.device), 1))
@@ -121,9 +128,9 @@ def main():
         for i, (_, fn, cores) in enumerate(jobs):
             best[i] = max(best[i], rate(n, fn, repeats=1) / cores)
     print(f"# load avg after: {os.getloadavg()[0]:.1f}")
-    print(f"{'path':84s} {'img/s per core':>14s}")
+    print(f"{'path':96s} {'img/s per core':>14s}")
     for (name, _, _), r in zip(jobs, best):
-        print(f"{name:84s} {r:14.0f}")
+        print(f"{name:96s} {r:14.0f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #   2. farmed incubation of tests/recipes/tiny.yaml on this one device: the farm in one torchrun
 #      (incubate.groups=2, two one-rank groups sharing the GPU), and one torchrun per module group at the same time
 #   3. the demo recipe end to end in bf16 under ZeRO-1 (fp32 gradient accumulation; its accuracy table)
+#   3b. device augmentation image by image vs per batch: ops, kernels and host ms per image (benchmarks/bench_aug.py)
 #   4. launch/bench.py with torch.compile on (compiles take minutes: last; skipped when the budget is spent)
 #
 # On a lent GPU machine (Python 3.12 + torch, no DeepSpeed, no network), e.g. the device `run` tool, which
@@ -224,6 +225,21 @@ export -f demo
 section "3. Demo (recipes/demo-fmnist.yaml) end to end in bf16"
 step demo 60 demo
 grep -B 2 -A 12 -- "^model  " "$OUT/logs/demo.log" 2>/dev/null | code /dev/stdin
+
+# ---------------------------------------------------------------- 3b. device augmentation per batch (issue 21)
+section "3b. Device augmentation image by image vs per batch (benchmarks/bench_aug.py)"
+cat >>"$REPORT" <<'EOF'
+The nvjpeg/dali device work after the decode (DeiT plans: crop + resize + flip, RandAugment, normalise, erase) for
+one micro-batch: image by image (tensor_aug, before issue 21) and per batch (batch_aug). Per image: aten ops, CUDA
+kernels, host ms (until the call returns), and img/s; host waits per batch; then how far the batched pixels are from
+the per-sample ones on this device (uint8).
+
+EOF
+AUG_ARGS="--device cuda --batch 256 --rounds 5"
+[ $DRY = 1 ] && AUG_ARGS="--device cpu --batch 8 --size 64 --rounds 1"
+# shellcheck disable=SC2086
+step aug-batched 20 "$PY" benchmarks/bench_aug.py $AUG_ARGS --check
+[ -f "$OUT/logs/aug-batched.log" ] && grep -vE "^(USDT|ERROR|WARNING):" "$OUT/logs/aug-batched.log" | code /dev/stdin
 
 # ---------------------------------------------------------------- 4. compiled
 section "4. Training steps with torch.compile"

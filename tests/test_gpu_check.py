@@ -44,6 +44,24 @@ def test_gpu_check_takes_the_checkouts_venv(tmp_path):
     assert re.search(r"^ordered\s+3\s+0\s+0\s", report, re.M), report  # the nvJPEG check's table, in the report
 
 
+def test_gpu_check_reports_the_device_augmentation_rows(tmp_path):
+    """The device-augmentation step (benchmarks/bench_aug.py, issue 21): per-sample and batched rows with their ops,
+    host ms and img/s, and the batched-vs-per-sample differences (RandAugment on the same input: none)."""
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "aug-batched",
+                          "--out", str(out)], cwd=ROOT, env=launch_env(PYTHON=sys.executable), capture_output=True,
+                         text=True, timeout=600)
+    report = (out / "gpu_check.md").read_text()
+    assert res.returncode == 0, report + res.stderr[-3000:]
+    assert re.search(r"^\| aug-batched \| PASS \| \d+ \|$", report, re.M), report
+    num = r"\s+\d+\.\d+"
+    for row in (r"crop\+resize\+flip\+RandAugment\+normalise\+erase: per-sample \(before\)", r"  batched",
+                r"RandAugment only \(dali\): per-sample \(before\)"):
+        assert re.search(rf"^{row}{num}{num}{num}\s+\d+$", report, re.M), (row, report)
+    assert re.search(r"^RandAugment on the same input\s+max \|diff\|\s+0\s", report, re.M), report
+    assert re.search(r"^  vs the per-sample float32 resize\s+max \|diff\|\s+[01]\s", report, re.M), report
+
+
 def test_gpu_check_without_any_python_with_torch_says_what_to_do(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "o")],
                          cwd=ROOT, env=_env(tmp_path, MODASM_VENV=str(tmp_path / "none")), capture_output=True,
@@ -64,7 +82,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "| DeepSpeed | 0.19.8 |" in report and "| torch |" in report
     summary = report[report.index("## Summary"):]
     for name in ("install", "versions", "nvjpeg-order", "bench-vit-h14", "bench-vit-b16", "farm-one-torchrun",
-                 "farm-torchrun-per-group", "demo", "bench-vit-b16-compile", "bench-vit-h14-compile"):
+                 "farm-torchrun-per-group", "demo", "aug-batched", "bench-vit-b16-compile", "bench-vit-h14-compile"):
         assert re.search(rf"^\| {name} \| PASS \| \d+ \|$", summary, re.M), (name, summary)
     # bench tables (dry run: checkpointing on for each phase; compile on for the target only)
     for model in ("ViT-32w/14", "ViT-32w/16"):

@@ -150,7 +150,7 @@ class ImageTransform(SeededTransform):
     def __init__(self, transform, train: bool, backend: str = "pil"):
         super().__init__(transform)
         self.train, self.backend, self.uint8 = train, backend, False
-        self.batched = None  # device work per batch (batch_aug) or image by image (tensor_aug); None: per batch off a CPU
+        self.batched = None  # device work per batch (batch_aug), image by image (tensor_aug); None: per batch off CPUs
         names = [type(t).__name__ for t in transform.transforms]
         cut = next(i for i, n in enumerate(names) if n in ("MaybeToTensor", "ToTensor"))
         tail = transform.transforms[cut:]
@@ -203,7 +203,8 @@ class ImageTransform(SeededTransform):
                 self._dali = DaliDecoder(self.planner.transform, device)
             pixels, ok, bad = self._dali(batch.x, batch.plans, batch.keys, batched)
         else:
-            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device, batched)
+            pixels, ok, bad = decode_on_device(batch.x, batch.plans, batch.keys, self.planner.transform, device,
+                                               batched)
         if not ok:
             return Batch(None, None, [], batch.bad + bad)
         plans = [batch.plans[i] for i in ok]
