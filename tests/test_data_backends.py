@@ -183,10 +183,12 @@ def test_uint8_batches_give_the_plain_inputs(data, source, re_mode):
 
 @pytest.mark.parametrize("backend", ["nvjpeg", DALI])
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
-def test_gpu_backends_on_cpu_match_the_pil_path(data, backend, source):
+@pytest.mark.parametrize("batched", [None, True])
+def test_gpu_backends_on_cpu_match_the_pil_path(data, backend, source, batched):
     """The same batches (keys, labels) as the PIL path, images within a few grey levels: the parameters are the
     same, the decoders (libjpeg-turbo in all three here) and resampling kernels differ slightly. Erasing 'const'
-    so that all pixels compare; RandAugment's affine ops (grid_sample vs PIL) differ most."""
+    so that all pixels compare; RandAugment's affine ops (grid_sample vs PIL) differ most. The device work as
+    to_device runs it on a CPU (image by image) and on a GPU (per batch: batched=True)."""
     tree, wds_dir, _ = data
     aug = AugConfig(**{**DEIT.__dict__, "re_mode": "const", "repeated_aug": 1})
     root = tree if source == "imagefolder" else wds_dir
@@ -194,6 +196,7 @@ def test_gpu_backends_on_cpu_match_the_pil_path(data, backend, source):
     out = {}
     for be in ("pil", backend):
         train, val = build_datasets(DataConfig(**cfg, backend=be), 64, 0, aug)
+        train.transform.batched = val.transform.batched = batched
         loader = train_loader(train, 8, 0, 1, 0)
         train.set_epoch(0)
         out[be] = [to_device(train, b, CPU) for b in loader]

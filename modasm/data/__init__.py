@@ -11,8 +11,8 @@ equal step counts); evaluation is sharded without padding, so accuracy counts ea
 Augmentation is a function of (run seed, epoch, sample) only (``modasm.seeds``), never of worker count
 or process RNG, so a resumed run is bit-identical. Unreadable samples become ``Bad`` records that the
 collate drops from the batch; the training loop counts them and stops past ``data.max_bad_fraction``.
-Modules here import each other one way: contract, tensor_aug <- nvjpeg <- dali <- transforms, samplers <- source
-<- the sources <- this (tests/test_imports.py).
+Modules here import each other one way: contract, tensor_aug <- batch_aug <- nvjpeg <- dali <- transforms,
+samplers <- source <- the sources <- this (tests/test_imports.py).
 """
 from __future__ import annotations
 
