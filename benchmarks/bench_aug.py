@@ -54,9 +54,9 @@ def count_ops(fn, device) -> dict:
             torch.cuda.synchronize(device)
     aten = [e for e in prof.events() if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU]
     leaf = [e for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    # compute: leaves that are no view/allocation and touch a tensor with elements (not a Python scalar's 0-dim copy)
-    out = {"aten": len(aten), "compute": sum(e.name[6:] not in NO_KERNEL and any(s for s in e.input_shapes)
-                                             for e in leaf)}
+    # compute: leaves that are no view or allocation, nor the 0-dim copy a CPU makes of a Python scalar operand
+    scalar_copy = lambda e: e.name == "aten::copy_" and not any(e.input_shapes)  # noqa: E731
+    out = {"aten": len(aten), "compute": sum(e.name[6:] not in NO_KERNEL and not scalar_copy(e) for e in leaf)}
     if device.type == "cuda":
         dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         out["kernels"] = sum(not e.name.startswith(("Memcpy", "Memset")) for e in dev)

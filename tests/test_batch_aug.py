@@ -215,20 +215,30 @@ def test_batched_ops_do_not_grow_with_the_batch(jpegs):
     assert run(imgs * 2, plans * 2, per_sample) - run(imgs, plans, per_sample) > 5 * len(imgs)
 
 
-def test_matmul_precision_is_full_float32_and_restored(jpegs):
-    """The resize's products run at "highest" float32 precision whatever the run allows for training (a reduced
-    precision would move outputs by grey levels), and the setting is put back."""
+@pytest.mark.parametrize("api", ["global", "per-backend"])
+def test_matmul_precision_is_full_float32_and_restored(jpegs, api):
+    """The resize's products run at full float32 precision whatever the run allows for training (a reduced precision
+    would move outputs by grey levels), set by torch's global setting or its per-backend one (after which the global
+    getter raises: the resize must not use it), and the settings are put back."""
     tf, _ = image_transforms(DEIT, 64, "nvjpeg")
     imgs, plans = _decoded(tf, jpegs[:6])
     planner = tf.planner.transform
     ref = batch_aug.resize_batch(imgs, plans, planner)
-    saved = torch.get_float32_matmul_precision()
+    b = torch.backends
+    saved = torch.get_float32_matmul_precision(), b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
     try:
-        torch.set_float32_matmul_precision("medium")
+        if api == "global":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+        before = b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
+        assert before == ("tf32", "bf16")
         got = batch_aug.resize_batch(imgs, plans, planner)
-        assert torch.get_float32_matmul_precision() == "medium"
+        assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == before
     finally:
-        torch.set_float32_matmul_precision(saved)
+        torch.set_float32_matmul_precision(saved[0])
+        b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = saved[1:]
+    assert torch.get_float32_matmul_precision() == saved[0]
     assert torch.equal(got, ref)
 
 

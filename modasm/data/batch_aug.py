@@ -91,13 +91,27 @@ def _dense(cols, w, n: int, width: int):
 @contextlib.contextmanager
 def _ieee_fp32_matmul():
     """Full float32 products (no TF32/bf16 passes, which a run may allow for training): the weights sum to 1 on
-    values up to 255, so a 10-bit mantissa would move outputs by whole grey levels."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    values up to 255, so a 10-bit mantissa would move outputs by grey levels. Through torch's per-backend settings
+    where it has them (a run that set those makes the global getter raise), else the global one; put back after."""
+    backends = [getattr(torch.backends.cuda, "matmul", None), getattr(getattr(torch.backends, "mkldnn", None),
+                                                                      "matmul", None)]
+    slots = [b for b in backends if b is not None and hasattr(b, "fp32_precision")]
+    if not slots:
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    saved = [b.fp32_precision for b in slots]
     try:
+        for b in slots:
+            b.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
+        for b, v in zip(slots, saved):
+            b.fp32_precision = v
 
 
 def _chunks(areas: list[int], sizes: list[tuple], channels: int, budget: int) -> list[list[int]]:
