@@ -385,8 +385,11 @@ def execute(imgs: list, plans: list, planner) -> torch.Tensor:
 # ---------------------------------------------------------------- normalise + erase
 
 def finish(x: torch.Tensor, plans, mean, std, erase_mode: str) -> torch.Tensor:
-    """``tensor_aug.finish`` with the erasing per batch: uint8 [B, C, H, W] -> normalised float, erased."""
-    x = tensor_aug.finish(x, None, mean, std, erase_mode)
+    """``tensor_aug.finish`` with the erasing per batch: uint8 [B, C, H, W] -> normalised float (the same float ops;
+    mean and std reach the device without a host wait), erased."""
+    ms = torch.tensor([mean, std], dtype=torch.float32).to(x.device, non_blocking=True)
+    x = x.to(torch.float32).div_(255)
+    x.sub_(ms[0].view(-1, 1, 1)).div_(ms[1].view(-1, 1, 1))
     return erase(x, plans or (), erase_mode)
 
 
