@@ -59,6 +59,7 @@ reliability-report: setup data
 
 # Decode + augment throughput of the ImageFolder and webdataset paths, every data.backend that runs here
 # (img/s per core; docs/benchmarks.md). DALI rows need nvidia-dali-cuda130 (the test extra installs it).
+# Then the device augmentation image by image vs per batch: ops and host ms per image (bench_aug.py).
 bench-data: setup
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_aug.py --batch 256 --check

@@ -1,26 +1,26 @@
-"""The plans of a batch (``tensor_aug.Plan``) executed together: a fixed number of kernel launches per batch where
-``tensor_aug.execute`` launches tens per image.
+"""The plans of a batch (``tensor_aug.Plan``) executed together: kernel launches per batch where
+``tensor_aug.execute`` launches tens per image (docs/method.md, "Decode and augment on the device").
 
-* Geometry (crop + resize + flip, or eval's resize + centre crop): each image's source region is copied into a
-  zero-padded float canvas (one copy per image, the only per-image kernel), and the antialiased resize is two
-  batched matrix products, ``out = Wy @ canvas @ Wx^T``, with each sample's resampling weights in its rows of Wy
-  and Wx: torch's own antialiased kernel (PIL's: triangle for bilinear, cubic a = -0.5 for bicubic, support
-  stretched by the scale when downscaling; one-hot rows for nearest), computed on the device for the whole batch;
-  the flip is the order of Wx's rows, the centre crop the choice of rows. Same pixels as ``tensor_aug.geometry``
-  on a GPU (float32 kernel, clamp, round) up to float32 rounding: an output differs, by 1, only where the exact
-  value lies within ~1e-3 of a rounding boundary (tests/test_batch_aug.py). (On a CPU torchvision resamples uint8
-  in fixed point instead, rounding its intermediate to uint8.)
-* RandAugment (and colour jitter): op by op, each op once on the sub-batch of the samples that drew it at that
-  position of their op list, with their magnitudes as per-sample tensors: the same float32 operations as the
-  per-sample tensor ops (``tensor_aug._op``), so the same pixels (bit for bit where the op is exact on both paths;
-  the blends within one float32 rounding).
-* Erasing: the boxes as masks built on the device in one go; const fill by one masked fill; per-pixel or
-  per-box noise still drawn box by box from the sample's own generator (the values of the per-sample path), then
-  put in place by one masked scatter.
+* Geometry (crop + resize + flip, or eval's resize + centre crop): each image's source region is gathered from the
+  decoded images' memory into a zero-padded float canvas (one ``index_select`` per chunk of similar sizes), and the
+  antialiased resize is two batched matrix products, ``out = Wy @ canvas @ Wx^T``, with each sample's weights in its
+  rows of Wy and Wx: torch's own antialiased kernel (PIL's filters: triangle for bilinear, cubic a = -0.5 for
+  bicubic, support stretched by the scale when downscaling; one-hot rows for nearest), computed on the device for
+  the whole batch; the flip is the order of Wx's rows, the centre crop a choice of rows. Then torchvision's cast.
+  The per-sample resize as torchvision runs it on a GPU (float32, clamp, round) up to float32 rounding: an output
+  differs, by 1, only where its value lies within ~1e-3 of a rounding boundary (tests/test_batch_aug.py). (On a CPU
+  torchvision resizes uint8 images in fixed point instead, rounding its intermediate to uint8.)
+* RandAugment (and colour jitter): position by position in the samples' op lists, each op once on the samples that
+  drew it, their magnitudes as per-sample tensors: the same float32 operations as the per-sample tensor ops
+  (``tensor_aug._op``) on each value, so the same pixels (bit for bit on a CPU).
+* Erasing: the boxes as masks built on the device in one go; const fill by one masked fill; per-pixel or per-box
+  noise still drawn box by box from the sample's own generator (the values of the per-sample path), then put in
+  place by one masked scatter.
+The numbers of a batch reach the device in a few copies without a host wait.
 
-For a GPU: on a CPU, where a launch costs nothing extra, image by image is faster (an image's intermediates stay in
-cache; the dense products have ~30x the FLOPs of torch's banded kernel), so ``to_device`` runs this on accelerators
-only (``ImageTransform.batched``; docs/benchmarks.md has both on a CPU).
+For accelerators: on a CPU, where a launch costs nothing extra, image by image is faster (an image's intermediates
+stay in cache; the dense products have ~40x the FLOPs of torch's banded kernel), so ``to_device`` runs this off a
+CPU only (``ImageTransform.batched``; docs/benchmarks.md has both on a CPU).
 """
 from __future__ import annotations
 
