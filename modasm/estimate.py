@@ -339,6 +339,15 @@ class Timing:
         return sum(self.cost(pm, setting, micro[pm.section], mfu).device_hours for pm in models)
 
 
+def timing_for(recipe: Recipe, gpu_key: str, mfu: float = 0.4, measured: str | None = None,
+               inter_node_gbps: float | None = None, gpus_per_node: int | None = None,
+               n_train: int = IMAGENET_TRAIN, n_val: int = IMAGENET_VAL) -> Timing:
+    g = perf.gpu(gpu_key)
+    net = comm.network(g.key, inter_node_gbps, gpus_per_node, measured_busbw(measured) if measured else None)
+    return Timing(recipe, getattr(g, perf.matmul_precision(recipe.deepspeed.precision)), net, mfu,
+                  measured_mfu(measured) if measured else {}, n_train, n_val)
+
+
 def measured_mfu(path: str | Path) -> dict:
     """{(phase, k): mfu} from ``launch/bench.py --json`` results (the first measured row of each)."""
     out = {}
@@ -369,8 +378,8 @@ def report(recipe: Recipe, gpu_key: str, gpus: int, mfu: float = 0.4, measured: 
     models = phase_models(recipe, gpus)
     kind = perf.matmul_precision(precision)
     peak = getattr(g, kind)
-    net = comm.network(g.key, inter_node_gbps, gpus_per_node, measured_busbw(measured) if measured else None)
-    timing = Timing(recipe, peak, net, mfu, measured_mfu(measured) if measured else {}, n_train, n_val)
+    timing = timing_for(recipe, g.key, mfu, measured, inter_node_gbps, gpus_per_node, n_train, n_val)
+    net = timing.network
     rec = recommend(models, precision, g.memory_bytes, timing)
     lines = [f"{model_name(recipe)} split {recipe.model.split} ({models[-1].params / 1e6:.3g} M parameters), "
              f"{precision}, "
