@@ -236,6 +236,7 @@ def step_time(s: Setting, trainable: int, total: int, ranks: int, accum: int, co
     done, start = 0, t_bwd * (1 - grad_window)
     for b in buckets(trainable, s.bucket):
         done += b
-        items.append((start + t_bwd * grad_window * done / trainable, grads.seconds(n, bw, grads.size * b // trainable)))
+        ready = start + t_bwd * grad_window * done / trainable
+        items.append((ready, grads.seconds(n, bw, grads.size * b // trainable)))
     exposed += accum * max(0.0, stream_finish(items) - t_bwd)
     return StepTime(compute, comm, exposed, volume)
