@@ -84,6 +84,8 @@ def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, p: Plan) -> dict:
     if ds.zero_stage >= 2:
         zero.update(overlap_comm=True if ds.overlap_comm is None else ds.overlap_comm,
                     contiguous_gradients=ds.contiguous_gradients)
+        if ds.reduce_bucket_size:
+            zero["reduce_bucket_size"] = ds.reduce_bucket_size
     out = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": p.micro,
