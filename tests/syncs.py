@@ -23,6 +23,8 @@ kept apart in ``host_calls``, not counted.
     with SyncCounter() as c:
         ...
     c.count("modasm"), c.summary()
+
+``cuda_sync_warnings`` is CUDA's own count of the same block on a GPU (benchmarks/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import contextlib
 import os
 import sys
 import sysconfig
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,3 +171,30 @@ class SyncCounter(TorchFunctionMode):
         """{(where, what): calls}, for messages."""
         return dict(collections.Counter((e.where, e.what) for e in self.events
                                         if package is None or e.package == package))
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings():
+    """CUDA's own count: ``torch.cuda.set_sync_debug_mode("warn")`` in the block; yields a list that gets a Sync
+    (what: "cuda sync") for each synchronising CUDA call, with its origin. Without a GPU the mode does nothing and
+    the list stays empty."""
+    seen: list[Sync] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        inner = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchronizing CUDA operation" in str(message):
+                where, pkg, _ = _origin()
+                seen.append(Sync("cuda sync", where, pkg))
+            else:
+                inner(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        before = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+        if before is not None:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            if before is not None:
+                torch.cuda.set_sync_debug_mode(before)
