@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import comm, dist, engine, perf, phases
+from . import comm, engine, perf, phases
 from .config import Recipe
 from .errors import UserError
 
