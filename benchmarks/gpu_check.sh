@@ -11,6 +11,7 @@
 #   3. the demo recipe end to end in bf16 under ZeRO-1 (fp32 gradient accumulation; its accuracy table)
 #   3b. device augmentation image by image vs per batch: ops, kernels and host ms per image (benchmarks/bench_aug.py)
 #   4. launch/bench.py with torch.compile on (compiles take minutes: last; skipped when the budget is spent)
+#   5. host syncs per optimizer step of the tiny recipe's loop (CUDA's sync debug mode; counted calls)
 #
 # On a lent GPU machine (Python 3.12 + torch, no DeepSpeed, no network), e.g. the device `run` tool, which
 # copies this tree and brings back what is written under $OUT:
@@ -247,6 +248,59 @@ section "4. Training steps with torch.compile"
 bench bench-vit-b16-compile recipes/vit-b16.yaml $TINY_B -- --compile on --checkpointing off $COMPILED
 # shellcheck disable=SC2086
 bench bench-vit-h14-compile recipes/vit-h14.yaml $TINY_H -- --compile on --checkpointing off $COMPILED
+
+# ---------------------------------------------------------------- 5. host syncs per optimizer step
+host_syncs() {  # tests/recipes/tiny.yaml's e2e on this device; docs/method.md "Host syncs", tests/test_syncs.py
+  "$PY" - tests/recipes/tiny.yaml "data.root=$FMNIST" <<'EOF'
+import collections, sys, tempfile
+import torch
+sys.path.insert(0, "tests")
+from syncs import SyncCounter, cuda_sync_warnings
+from modasm import dist, phases, train
+from modasm.config import load_recipe
+info, inner, rows, bad = dist.init(), train._Run.micro_step, [], []
+gpu = info.device.type == "cuda"
+print(f"device: {info.device}; each row: the e2e phase, 8 optimizer steps of 2 micro-steps, the first left out; every"
+      " 4th step is logged.\ncounted: tests/syncs.py's calls that sync on a GPU; CUDA: set_sync_debug_mode('warn')\n")
+print("| run | counted / step: modasm | DeepSpeed | other | CUDA syncs / step | per logged step |\n|---|---:|---:|---:|---:|---:|")
+for label, ov in (("fp32, ZeRO-0, clip 1.0", ["e2e.clip_grad=1.0"]),
+                  ("bf16, ZeRO-1", ["deepspeed.precision=bf16", "deepspeed.zero_stage=1"])):
+    seen = collections.defaultdict(list)  # step -> [(counter, cuda warnings)]
+    def micro_step(self, *args):
+        step = self.state.step + 1
+        with SyncCounter() as c, cuda_sync_warnings() as w:
+            out = inner(self, *args)
+        seen[step].append((c, w))
+        return out
+    train._Run.micro_step = micro_step
+    with tempfile.TemporaryDirectory() as out:
+        phases.run_e2e(load_recipe(sys.argv[1], [*sys.argv[2:], f"run.out_dir={out}", "e2e.epochs=1",
+                                                 "e2e.accum_steps=2", "e2e.log_every_steps=4", *ov]), info)
+    plain = [s for s in seen if s > 1 and s % 4 and s != max(seen)]
+    logged = [s for s in seen if s > 1 and s not in plain]
+    def per(steps, f):
+        return sum(f(c, w) for s in steps for c, w in seen[s]) / max(len(steps), 1)
+    mine = per(plain, lambda c, w: c.count("modasm"))
+    cuda = f"{per(plain, lambda c, w: len(w)):.1f}" if gpu else "n/a on CPU"
+    cuda_logged = f"{per(logged, lambda c, w: len(w)):.1f}" if gpu else "n/a on CPU"
+    print(f"| {label} | {mine:.1f} | {per(plain, lambda c, w: c.count('deepspeed')):.1f} | "
+          f"{per(plain, lambda c, w: c.count() - c.count('modasm') - c.count('deepspeed')):.1f} | {cuda} | {cuda_logged} |")
+    origins = collections.Counter((e.package, e.where, e.what) for s in plain for c, w in seen[s] for e in c.events + w)
+    rows.append((label, origins, len(plain)))
+    if mine != 1:
+        bad.append(f"{label}: {mine} of modasm's syncs per optimizer step, not 1 (train.step_flags)")
+print()
+for label, origins, n in rows:
+    print(f"{label}: where, per optimizer step (not logged)")
+    for (pkg, where, what), k in origins.most_common(12):
+        print(f"  {k / max(n, 1):5.1f}  {what:<28} {where}")
+sys.exit("; ".join(bad) if bad else 0)
+EOF
+}
+export -f host_syncs
+section "5. Host syncs per optimizer step (tests/recipes/tiny.yaml, e2e)"
+step host-syncs 20 host_syncs
+code "$OUT/logs/host-syncs.log"
 
 # ---------------------------------------------------------------- summary
 section "Summary"

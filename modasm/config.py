@@ -284,12 +284,20 @@ class DeepSpeedConfig:
                                       "zero_optimization.overlap_comm); null: on with ZeRO-2/3.")
     contiguous_gradients: bool = _f(True, "Copy gradients into one contiguous buffer as they are produced (ZeRO >= 2; "
                                     "less fragmentation, faster reduce).")
+    reduce_bucket_size: Optional[int] = _f(None, "Gradient elements per reduction bucket (ZeRO >= 2, "
+                                           "zero_optimization.reduce_bucket_size); null: DeepSpeed's 5e8. With "
+                                           "overlap_comm a bucket is reduced while the backward goes on, the last one "
+                                           "after it: a model under 5e8 trainable parameters overlaps nothing at the "
+                                           "default (launch/estimate.py).")
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"deepspeed.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.reduce_bucket_size is not None and self.reduce_bucket_size < 1:
+            raise UserError(f"deepspeed.reduce_bucket_size must be a positive number of elements or null, got "
+                            f"{self.reduce_bucket_size}")
         for k in ("grad_accum_dtype", "communication_dtype"):
             if getattr(self, k) not in ("fp32", "bf16"):
                 raise UserError(f"deepspeed.{k} must be 'fp32' or 'bf16', got {getattr(self, k)!r}")

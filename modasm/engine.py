@@ -84,6 +84,8 @@ def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, p: Plan) -> dict:
     if ds.zero_stage >= 2:
         zero.update(overlap_comm=True if ds.overlap_comm is None else ds.overlap_comm,
                     contiguous_gradients=ds.contiguous_gradients)
+        if ds.reduce_bucket_size:
+            zero["reduce_bucket_size"] = ds.reduce_bucket_size
     out = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": p.micro,
@@ -93,6 +95,9 @@ def ds_config(cfg: PhaseConfig, ds: DeepSpeedConfig, p: Plan) -> dict:
         "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device at every forward and every
+        # step() (from its third step on): two host syncs per micro-batch, for a figure nothing here reads
+        "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,
     }
     if ds.precision == "bf16":

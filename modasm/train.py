@@ -66,7 +66,8 @@ def step_flags(info: DistInfo, bad_loss: torch.Tensor | None = None,
     """
     stop_file = os.environ.get(STOP_FILE_ENV)  # one stat per step, on the group's first rank only
     asked = _STOP["requested"] or bool(info.rank == 0 and stop_file and os.path.exists(stop_file))
-    flags = [torch.tensor(1.0 if asked else 0.0, device=info.device)]  # NCCL needs device tensors
+    # NCCL needs device tensors; made there (a fill), not copied from the host (a blocking copy)
+    flags = [torch.ones((), device=info.device) if asked else torch.zeros((), device=info.device)]
     flags.append(bad_loss.float() if bad_loss is not None else torch.zeros((), device=info.device))
     flags.append((~torch.isfinite(grad_norm)).float() if grad_norm is not None else torch.zeros((), device=info.device))
     flags = torch.stack(flags)
@@ -167,12 +168,23 @@ class DataHealth:
         self._bad += len(batch.bad)
         self.examples += batch.bad[:max(0, 5 - len(self.examples))]
 
-    def sync(self, info: DistInfo) -> None:
-        t = all_reduce_sum(torch.tensor([self._read, self._bad], dtype=torch.float64, device=info.device), info)
-        self.read += int(t[0].item())
-        self.bad += int(t[1].item())
+    def pending(self, info: DistInfo) -> torch.Tensor:
+        """The counts since the last sync, summed over the group: a device tensor [read, bad], enqueued (no host
+        sync: copied from pinned memory). Read it and hand the values to ``settle``."""
+        local = torch.tensor([self._read, self._bad], dtype=torch.float64)
         self._read = self._bad = 0
+        if info.device.type == "cuda":
+            return all_reduce_sum(local.pin_memory().to(info.device, non_blocking=True), info)
+        return all_reduce_sum(local.to(info.device), info)
+
+    def settle(self, read: float, bad: float) -> None:
+        """Add the group's counts read from ``pending``; past the limit, a UserError."""
+        self.read += int(read)
+        self.bad += int(bad)
         check_bad(self.bad, self.read, self.max_fraction, "training", self.examples, self.epoch)
+
+    def sync(self, info: DistInfo) -> None:
+        self.settle(*self.pending(info).tolist())
 
 
 # ---------------------------------------------------------------- evaluation
@@ -185,7 +197,7 @@ def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
 
     Unreadable samples are skipped and counted (``eval_bad_samples``); past ``max_bad_fraction`` of
     the samples read, a UserError. ``dataset``: the loader's, whose transform finishes its batches on the
-    device (uint8 / GPU decode backends).
+    device (uint8 / GPU decode backends). The batches only enqueue work: one host sync per evaluation (its read).
     """
     was_training = model.training
     model.eval()
@@ -203,15 +215,16 @@ def evaluate(model, loader, info: DistInfo, dtype: torch.dtype = torch.float32,
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[:4] += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
                                  F.cross_entropy(logits, y, reduction="sum"),
-                                 torch.tensor(len(y), device=y.device)]).double()
+                                 y.new_full((), len(y))]).double()  # a fill, not a copy from the host
     all_reduce_sum(sums, info)
     model.train(was_training)
-    n, bad = sums[3].item(), int(sums[4].item())
+    top1, top5, loss, n, bad = sums.tolist()  # the evaluation's one read
+    n, bad = int(n), int(bad)
     if max_bad_fraction is not None:
-        check_bad(bad, int(n) + bad, max_bad_fraction, "validation", examples)
-    n = max(n, 1)
-    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
-            "eval_loss": sums[2].item() / n, "eval_samples": int(sums[3].item()), "eval_bad_samples": bad}
+        check_bad(bad, n + bad, max_bad_fraction, "validation", examples)
+    count = max(n, 1)
+    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count,
+            "eval_loss": loss / count, "eval_samples": n, "eval_bad_samples": bad}
 
 
 # ---------------------------------------------------------------- finished phases and changed settings
@@ -396,7 +409,7 @@ class _Run:
         self.state.step = step_no
         self.sched.after_step(step_no)
         if logging_step:
-            self.log_step(epoch, loss, lr, None if pre_norm is None else float(pre_norm))
+            self.log_step(epoch, loss, lr, pre_norm)
         faults.after_step(step_no)
         return True
 
@@ -435,14 +448,21 @@ class _Run:
         x, soft = self.mixup(x, y, mix_seed)  # mixed in fp32, smoothing inside the soft targets
         return SoftTargetCrossEntropy()(eng(x.to(dtype)).float(), soft)
 
-    def log_step(self, epoch: int, loss: torch.Tensor, lr: float, pre_norm: float | None) -> None:
+    def log_step(self, epoch: int, loss: torch.Tensor, lr: float, pre_norm: torch.Tensor | None) -> None:
+        """The logged step's record: its one host sync reads the loss, the grad norm and the group's data-health
+        counts together (``pre_norm``: the plain engine's norm on the device; the others report their own)."""
         step_no, total, log = self.state.step, self.plan.total, self.log
-        self.health.sync(self.info)
+        gn = pre_norm if pre_norm is not None else self.eng.get_global_grad_norm()
+        reads = [loss.detach().double().reshape(1), self.health.pending(self.info)]
+        on_device = isinstance(gn, torch.Tensor) and gn.device == loss.device
+        if on_device:
+            reads.append(gn.detach().double().reshape(1))
+        loss, read, bad, *norm = torch.cat(reads).tolist()  # the one read
+        self.health.settle(read, bad)
+        gn = norm[0] if on_device else gn
         self.clock.tick()
         rate, eta = log.rate_eta()
-        gn = pre_norm if pre_norm is not None else self.eng.get_global_grad_norm()
         perf_fields = self.meter.fields(rate / self.info.world)  # model TFLOP/s and MFU per rank
-        loss = loss.item()
         log.write("train", step=step_no, epoch=epoch, loss=loss, lr=lr, img_per_s=rate,
                   grad_norm=None if gn is None else float(gn), bad_samples=self.health.bad, **perf_fields,
                   **self.cost())

@@ -25,6 +25,20 @@ def test_engine_follows_recipe(tiny, dist_info, zero, precision):
     assert sched.lr == pytest.approx(recipe.e2e.lr * 32 / 512)
 
 
+def test_reduce_bucket_size_reaches_the_engine(tiny, dist_info):
+    """deepspeed.reduce_bucket_size (the overlap of launch/estimate.py's recommendation) is DeepSpeed's
+    zero_optimization.reduce_bucket_size from ZeRO-2 on; null keeps DeepSpeed's 5e8 elements."""
+    recipe = tiny("deepspeed.zero_stage=2", "deepspeed.reduce_bucket_size=1000")
+    plan = ds.plan(recipe.e2e, 1, "e2e", n_train=512)
+    assert ds.ds_config(recipe.e2e, recipe.deepspeed, plan)["zero_optimization"]["reduce_bucket_size"] == 1000
+    eng, _ = ds.build_engine(M.build_target(recipe.model), recipe.e2e, recipe.deepspeed, dist_info, plan)
+    assert eng.zero_reduce_bucket_size() == 1000 and eng.zero_overlap_comm()
+    default = tiny("deepspeed.zero_stage=2")
+    assert "reduce_bucket_size" not in ds.ds_config(default.e2e, default.deepspeed, plan)["zero_optimization"]
+    with pytest.raises(ValueError, match="reduce_bucket_size must be a positive number"):
+        tiny("deepspeed.reduce_bucket_size=0")
+
+
 def test_micro_batch_must_divide(tiny):
     recipe = tiny("e2e.batch_size=30", "e2e.accum_steps=4")
     with pytest.raises(ValueError, match=r"e2e.batch_size=30 .*accum_steps"):

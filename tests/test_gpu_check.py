@@ -82,7 +82,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert "| DeepSpeed | 0.19.8 |" in report and "| torch |" in report
     summary = report[report.index("## Summary"):]
     for name in ("install", "versions", "nvjpeg-order", "bench-vit-h14", "bench-vit-b16", "farm-one-torchrun",
-                 "farm-torchrun-per-group", "demo", "aug-batched", "bench-vit-b16-compile", "bench-vit-h14-compile"):
+                 "farm-torchrun-per-group", "demo", "aug-batched", "bench-vit-b16-compile", "bench-vit-h14-compile",
+                 "host-syncs"):
         assert re.search(rf"^\| {name} \| PASS \| \d+ \|$", summary, re.M), (name, summary)
     # bench tables (dry run: checkpointing on for each phase; compile on for the target only)
     for model in ("ViT-32w/14", "ViT-32w/16"):
@@ -94,3 +95,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert "both modules' shard sets written" in report
     assert re.search(r"assembled \(after fine-tune\)\s+\d+\.\d\d", report) and "E2E baseline" in report
     assert (out / "bench.json").is_file() and (out / "logs" / "demo.log").is_file()
+    assert re.search(r"^\| fp32, ZeRO-0, clip 1.0 \| 1.0 \| 2.0 \| 0.0 \| n/a on CPU \| n/a on CPU \|$", report, re.M)
+    assert re.search(r"^\| bf16, ZeRO-1 \| 1.0 \| [\d.]+ \| 0.0 \| n/a on CPU \| n/a on CPU \|$", report, re.M)

@@ -17,6 +17,7 @@ draws it from the CPU generator after the other transforms).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -176,9 +177,31 @@ def affine(img: torch.Tensor, matrix, resample="bicubic", fill=(128, 128, 128)) 
     x = torch.cat([img.float(), torch.ones_like(img[:1], dtype=torch.float32)])[None]
     out = F.grid_sample(x, grid, mode=_pil_mode(resample), padding_mode="zeros", align_corners=False)[0]
     mask = out[-1:].clamp(0, 1)
-    fill_t = torch.tensor(fill, dtype=torch.float32, device=img.device).view(-1, 1, 1)
+    fill_t = const(tuple(fill), torch.float32, img.device).view(-1, 1, 1)
     out = out[:-1] * mask + fill_t * (1 - mask)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant on ``device``, copied there once: a tensor built from host numbers per batch or per op is a
+    blocking host-to-device copy (a host sync). Shared: never modify it in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's ``adjust_sharpness`` of a uint8 CHW image, the same ops and kernel, its kernel a ``const``
+    (torchvision builds it from host numbers at every call)."""
+    c, h, w = img.shape
+    if h <= 2 or w <= 2:
+        return img
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = const(((a, a, a), (a, b, a), (a, a, a)), torch.float32, img.device).expand(c, 1, 3, 3)
+    out = img.to(torch.float32, copy=True)
+    blurred = F.conv2d(out, kernel, groups=c).round_()
+    view = out[..., 1:-1, 1:-1]
+    view.add_(blurred.sub_(view), alpha=1.0 - factor)
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 def _rotate_matrix(degrees: float, w: int, h: int):
@@ -229,7 +252,7 @@ def _op(img: torch.Tensor, name: str, args, kw) -> torch.Tensor:
     if name.startswith("Brightness"):
         return TF.adjust_brightness(img, args[0])
     if name.startswith("Sharpness"):
-        return TF.adjust_sharpness(img, args[0])
+        return sharpness(img, args[0])
     if name == "ShearX":
         return _geo(img, (1, args[0], 0, 0, 1, 0), kw)
     if name == "ShearY":
@@ -292,8 +315,8 @@ def finish(x: torch.Tensor, plans, mean, std, erase_mode: str) -> torch.Tensor:
     the PIL path's output outside the erased boxes.
     """
     x = x.to(torch.float32).div_(255)
-    x.sub_(torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1))
-    x.div_(torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+    x.sub_(const(tuple(mean), x.dtype, x.device).view(-1, 1, 1))
+    x.div_(const(tuple(std), x.dtype, x.device).view(-1, 1, 1))
     for i, plan in enumerate(plans or ()):
         if not plan.erase:
             continue

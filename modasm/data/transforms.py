@@ -155,7 +155,7 @@ class ImageTransform(SeededTransform):
         cut = next(i for i, n in enumerate(names) if n in ("MaybeToTensor", "ToTensor"))
         tail = transform.transforms[cut:]
         norm = next(t for t in tail if type(t).__name__ == "Normalize")
-        self.mean, self.std = tuple(norm.mean), tuple(norm.std)
+        self.mean, self.std = tuple(map(float, norm.mean)), tuple(map(float, norm.std))  # timm gives 0-dim tensors
         erasers = [t for t in tail if type(t).__name__ == "RandomErasing"]
         self.erase_mode = ("pixel" if erasers[0].per_pixel else "rand" if erasers[0].rand_color else "const") \
             if erasers else "const"
@@ -209,7 +209,9 @@ class ImageTransform(SeededTransform):
             return Batch(None, None, [], batch.bad + bad)
         plans = [batch.plans[i] for i in ok]
         x = self._finish(pixels, plans, device)
-        return Batch(x, y[torch.as_tensor(ok, device=device)], [batch.keys[i] for i in ok], batch.bad + bad, plans)
+        if len(ok) < len(batch.keys):  # the labels of the samples kept, chosen on the host (no index to copy over)
+            y = batch.y[torch.tensor(ok)].to(device, non_blocking=non_blocking)
+        return Batch(x, y, [batch.keys[i] for i in ok], batch.bad + bad, plans)
 
     def _batched(self, device) -> bool:
         """Per batch on an accelerator (its launches cost host time), image by image on a CPU (faster there)."""
