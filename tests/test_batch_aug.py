@@ -254,3 +254,28 @@ def test_dali_batched_rand_augment_equals_per_sample(jpegs):
     a, ok_a, _ = dali(batch.x, batch.plans, batch.keys, batched=False)
     b, ok_b, _ = dali(batch.x, batch.plans, batch.keys, batched=True)
     assert ok_a == ok_b == list(range(10)) and torch.equal(a, b) and sum(bool(p.ops) for p in batch.plans) >= 5
+
+
+def test_the_batched_path_does_not_sync(jpegs):
+    """tests/syncs.py's counter around the whole batched path (resize, every RandAugment op, each erasing mode): no
+    call that would make the host wait for a GPU once the constants are on the device; its numbers reach the device
+    through ``upload`` (pinned, non-blocking on a GPU), which the counter cannot see on a CPU."""
+    import numpy as np
+    from syncs import SyncCounter
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
+    tf, ev = image_transforms(AugConfig(**{**DEIT.__dict__, "re_prob": 0.5}), 48, "nvjpeg")
+    imgs, plans = _decoded(tf, jpegs[:12])
+    eimgs, eplans = _decoded(ev, jpegs[:4])
+    ra = _random_plans(len(imgs), list(_RAND_INCREASING_TRANSFORMS) + ["ColorJitter"], np.random.default_rng(1),
+                       48, 48)
+    for p, r in zip(plans, ra):
+        p.ops = r.ops
+
+    def run():
+        for mode in ("const", "pixel", "rand"):
+            batch_aug.finish(batch_aug.execute(imgs, plans, tf.planner.transform), plans, tf.mean, tf.std, mode)
+        batch_aug.geometry(eimgs, eplans, ev.planner.transform)
+    run()
+    with SyncCounter() as c:
+        run()
+    assert c.events == [], c.summary()

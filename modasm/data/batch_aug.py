@@ -16,7 +16,8 @@
 * Erasing: the boxes as masks built on the device in one go; const fill by one masked fill; per-pixel or per-box
   noise still drawn box by box from the sample's own generator (the values of the per-sample path), then put in
   place by one masked scatter.
-The numbers of a batch reach the device in a few copies without a host wait.
+The numbers of a batch reach the device in a few copies without a host wait (``upload``; constants once,
+``tensor_aug.const``).
 
 For accelerators: on a CPU, where a launch costs nothing extra, image by image is faster (an image's intermediates
 stay in cache; the dense products have ~40x the FLOPs of torch's banded kernel), so ``to_device`` runs this off a
@@ -36,6 +37,15 @@ from . import tensor_aug
 # the canvas of one resample (float32 elements: 2**24 = 64 MiB); a batch is resampled in chunks of similar sizes
 CANVAS_ELEMENTS = 2 ** 24
 _TAPS = {"bilinear": 2.0, "nearest": 2.0}  # torch's interp_size of the antialiased kernels (bicubic: 4)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch's host-built numbers on ``device`` without a host wait: through pinned memory, non-blocking, on a GPU
+    (a copy from pageable memory may wait for the stream; torch keeps the pinned block until the copy has run)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- geometry
@@ -179,7 +189,8 @@ def resize_batch(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS
     # region top, left; strides
     spec = torch.tensor([[*wins[i][0][2:], *wins[i][1], *wins[i][2], plans[i].resample not in ("nearest", "bilinear"),
                           plans[i].resample == "nearest", bool(plans[i].flip), i, offsets[i], *imgs[i].shape[1:],
-                          *wins[i][0][:2], *mem[i][1]] for i in order], dtype=torch.int32).to(dev, non_blocking=True)
+                          *wins[i][0][:2], *mem[i][1]] for i in order], dtype=torch.int32)
+    spec = upload(spec, dev)
     sf = spec[:, :9].float()
     ty = max(_taps(b[2], r[0], p.resample) for (b, r, _), p in zip(wins, plans))
     tx = max(_taps(b[3], r[1], p.resample) for (b, r, _), p in zip(wins, plans))
@@ -273,8 +284,8 @@ def _sharpness(x, a):
     n, c, h, w = x.shape
     if h <= 2 or w <= 2:
         return x
-    k = torch.tensor([[1 / 13, 1 / 13, 1 / 13], [1 / 13, 5 / 13, 1 / 13], [1 / 13, 1 / 13, 1 / 13]],
-                     dtype=torch.float32).to(x.device, non_blocking=True).expand(c, 1, 3, 3)
+    e, m = 1.0 / 13.0, 5.0 / 13.0  # torchvision's kernel: 1s at the edges, 5 in the middle, normalised
+    k = tensor_aug.const(((e, e, e), (e, m, e), (e, e, e)), torch.float32, x.device).expand(c, 1, 3, 3)
     out = x.to(torch.float32, copy=True)
     blurred = F.conv2d(out, k, groups=c).round_()
     view = out[..., 1:-1, 1:-1]
@@ -358,8 +369,7 @@ def rand_augment(x: torch.Tensor, plans: list) -> torch.Tensor:
     total = len(floats)
     ints = torch.tensor([s for g in groups for s in g[1]] + [v for g in groups for r in g[3]
                                                              for v in r + (0,) * (ni - len(r))])
-    floats = floats.to(torch.float32).to(x.device, non_blocking=True)  # (pageable: staged, no sync)
-    ints = ints.to(x.device, non_blocking=True)
+    floats, ints = upload(floats.to(torch.float32), x.device), upload(ints, x.device)
     args = ints[total:].view(total, ni)
     start, owned = 0, False
     for kind, idx, _, _ in groups:
@@ -385,11 +395,11 @@ def execute(imgs: list, plans: list, planner) -> torch.Tensor:
 # ---------------------------------------------------------------- normalise + erase
 
 def finish(x: torch.Tensor, plans, mean, std, erase_mode: str) -> torch.Tensor:
-    """``tensor_aug.finish`` with the erasing per batch: uint8 [B, C, H, W] -> normalised float (the same float ops;
-    mean and std reach the device without a host wait), erased."""
-    ms = torch.tensor([mean, std], dtype=torch.float32).to(x.device, non_blocking=True)
+    """``tensor_aug.finish`` with the erasing per batch: uint8 [B, C, H, W] -> normalised float (the same ops),
+    erased."""
     x = x.to(torch.float32).div_(255)
-    x.sub_(ms[0].view(-1, 1, 1)).div_(ms[1].view(-1, 1, 1))
+    x.sub_(tensor_aug.const(tuple(mean), x.dtype, x.device).view(-1, 1, 1))
+    x.div_(tensor_aug.const(tuple(std), x.dtype, x.device).view(-1, 1, 1))
     return erase(x, plans or (), erase_mode)
 
 
@@ -406,7 +416,7 @@ def erase(x: torch.Tensor, plans, mode: str) -> torch.Tensor:
         box = [(0, 0, 0, 0)] * B  # top, bottom, left, right (empty where a sample has no k-th box)
         for i, (t, l, h, w) in rows:
             box[i] = (t, t + h, l, l + w)
-        box = torch.tensor(box).to(x.device, non_blocking=True)
+        box = upload(torch.tensor(box), x.device)
         ys = torch.arange(H, device=x.device)[None, :, None]
         xs = torch.arange(W, device=x.device)[None, None, :]
         mask = ((ys >= box[:, 0, None, None]) & (ys < box[:, 1, None, None]) & (xs >= box[:, 2, None, None])
@@ -426,6 +436,6 @@ def erase(x: torch.Tensor, plans, mode: str) -> torch.Tensor:
             x.masked_scatter_(mask.expand_as(x), noise)
         else:  # one value per channel and box
             vals = torch.zeros(B, C, device=x.device)
-            vals.index_copy_(0, torch.tensor([i for i, _ in rows]).to(x.device, non_blocking=True), noise.view(-1, C))
+            vals.index_copy_(0, upload(torch.tensor([i for i, _ in rows]), x.device), noise.view(-1, C))
             x = torch.where(mask, vals[:, :, None, None], x)
     return x
