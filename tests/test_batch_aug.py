@@ -279,3 +279,19 @@ def test_the_batched_path_does_not_sync(jpegs):
     with SyncCounter() as c:
         run()
     assert c.events == [], c.summary()
+
+
+def test_a_batch_past_the_int32_index_is_resized_in_halves(jpegs, monkeypatch):
+    """The canvas gather indexes a batch's decoded values with int32: a batch with more is resized in halves (here
+    with the limit lowered to a few images' worth), the same values within the float32 bound (other chunks: other
+    summation blocking); one image past it is refused."""
+    tf, _ = image_transforms(DEIT, 64, "nvjpeg")
+    imgs, plans = _decoded(tf, jpegs[:9])
+    planner = tf.planner.transform
+    whole = batch_aug.resize_batch(imgs, plans, planner)
+    monkeypatch.setattr(batch_aug, "_INDEXABLE", 3 * max(img.numel() for img in imgs))
+    halves = batch_aug.resize_batch(imgs, plans, planner)
+    assert halves.shape == whole.shape and (halves - whole).abs().max() <= _float32_bound(imgs, plans, planner)
+    monkeypatch.setattr(batch_aug, "_INDEXABLE", imgs[0].numel())
+    with pytest.raises(batch_aug.UserError, match="more than the batched resize indexes"):
+        batch_aug.resize_batch(imgs[:1], plans[:1], planner)

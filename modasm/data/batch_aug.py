@@ -37,6 +37,7 @@ from . import tensor_aug
 # the canvas of one resample (float32 elements: 2**24 = 64 MiB); a batch is resampled in chunks of similar sizes
 CANVAS_ELEMENTS = 2 ** 24
 _TAPS = {"bilinear": 2.0, "nearest": 2.0}  # torch's interp_size of the antialiased kernels (bicubic: 4)
+_INDEXABLE = 2 ** 31 - 1  # values a batch's images (and the zero after them) may have: int32 gather indices
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -171,6 +172,10 @@ def _memory(img):
 
 def resize_batch(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS) -> torch.Tensor:
     """The geometry of every plan as float32 [B, C, H, W], before rounding (``geometry``; tests compare it)."""
+    if len(imgs) > 1 and sum(img.numel() for img in imgs) >= _INDEXABLE:  # the gather's int32 index: in halves
+        half = len(imgs) // 2
+        return torch.cat([resize_batch(imgs[:half], plans[:half], planner, budget),
+                          resize_batch(imgs[half:], plans[half:], planner, budget)])
     dev, C = imgs[0].device, imgs[0].shape[0]
     wins = [_window(p, planner) for p in plans]
     OH, OW = planner.out_size if plans[0].crop is not None else planner.crop_size
@@ -181,9 +186,8 @@ def resize_batch(imgs: list, plans: list, planner, budget: int = CANVAS_ELEMENTS
     offsets = [0]
     for img in imgs:
         offsets.append(offsets[-1] + img.numel())
-    if flat.numel() >= 2 ** 31:
-        raise UserError(f"a batch of {flat.numel()} decoded pixel values: more than the batched resize indexes "
-                        "(2**31); use a smaller micro-batch")
+    if flat.numel() >= _INDEXABLE:
+        raise UserError(f"an image of {flat.numel() - 1} values: more than the batched resize indexes (2**31 - 1)")
     # one host->device copy of every sample's numbers, in chunk order: region h, w; resized h, w; anchor y, x;
     # cubic (any other mode, as tensor_aug._interp), nearest, flip; index in the batch; offset in flat; image h, w;
     # region top, left; strides
