@@ -446,7 +446,21 @@ def _mean_curve(curves: list[list[tuple]]) -> tuple[list, list, list]:
     return xs, ms, ss
 
 
+def _band(ax, curve: tuple[list, list, list], color: str, label: str, marker: str = "o") -> None:
+    """A mean curve with a +-std band."""
+    xs, ms, ss = curve
+    ax.plot(xs, ms, marker=marker, ms=3, color=color, label=label)
+    ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=color, alpha=0.2)
+
+
+def _kept_with(study: Study, cells: list[Cell], sub: str) -> list[Path]:
+    return [_results_of(study, c) for c in cells if (_results_of(study, c) / sub / "manifest.json").is_file()]
+
+
 def plot(study: Study, rows: list[dict], out: Path) -> list[Path]:
+    """top-1 vs cumulative device-hours, one panel per value of the panel axis (E2E: mean +- std band per variant of
+    the other axes; the assembled path: meta, each hybrid, fine-tune); and, when the panel axis is numeric, top-1
+    (last epoch, mean +- std) vs that axis for both paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -454,54 +468,44 @@ def plot(study: Study, rows: list[dict], out: Path) -> list[Path]:
     files = []
     panels = list(dict.fromkeys(c.values[study.panel] for c in study.cells))
     others = [a for a in study.axes if a not in (study.panel, study.replicate)]
+    variant = lambda c: tuple(c.values[a] for a in others)  # noqa: E731
+    variants = list(dict.fromkeys(variant(c) for c in study.cells))
+    name = lambda v: ", ".join(f"{a} {x}" for a, x in zip(others, v))  # noqa: E731
+    e2e_colors = dict(zip(variants, itertools.cycle(["tab:red", "tab:purple", "tab:brown", "tab:olive"])))
     fig, axs = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    colors = itertools.cycle(["tab:red", "tab:purple", "tab:brown", "tab:olive"])
     for ax, pv in zip(axs[0], panels):
-        cells = [c for c in study.cells if c.values[study.panel] == pv]
-        variants = list(dict.fromkeys(tuple(c.values[a] for a in others) for c in cells))
-        for variant in variants:
-            vc = [c for c in cells if tuple(c.values[a] for a in others) == variant]
-            kept = [_results_of(study, c) for c in vc if (_results_of(study, c) / "e2e" / "manifest.json").is_file()
-                    or (_results_of(study, c) / "assemble" / "manifest.json").is_file()]
-            tag = " ".join(variant)
-            e2e = [_curve(k, "e2e") for k in kept if (k / "e2e" / "manifest.json").is_file()]
-            if e2e:
-                xs, ms, ss = _mean_curve(e2e)
-                color = next(colors)
-                ax.plot(xs, ms, marker="o", ms=3, color=color, label=f"E2E {tag} (n={len(e2e)})")
-                ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=color,
-                                alpha=0.2)
-            asm = [k for k in kept if (k / "assemble" / "manifest.json").is_file()]
-            if asm:
-                xs, ms, ss = _mean_curve([_curve(k, "meta") for k in asm])
-                ax.plot(xs, ms, marker="s", ms=3, color="tab:gray", label=f"meta {tag}")
-                K = len(list((asm[0] / "incubate").iterdir()))
-                for k in range(K):
+        for v in variants:
+            cells = [c for c in study.cells if c.values[study.panel] == pv and variant(c) == v]
+            if e2e := _kept_with(study, cells, "e2e"):
+                _band(ax, _mean_curve([_curve(k, "e2e") for k in e2e]), e2e_colors[v],
+                      f"E2E {name(v)} (n={len(e2e)})".replace("  ", " "))
+            if asm := _kept_with(study, cells, "assemble"):
+                xs, ms, _ = _mean_curve([_curve(k, "meta") for k in asm])
+                ax.plot(xs, ms, marker="s", ms=3, color="tab:gray", label="meta model")
+                for k in range(len(list((asm[0] / "incubate").iterdir()))):
                     pts = [_curve(a, f"incubate/module-{k:02d}")[-1] for a in asm]
-                    ax.errorbar([sum(p[0] for p in pts) / len(pts)], [mean_std([p[2] for p in pts])[0]],
-                                yerr=[mean_std([p[2] for p in pts])[1]], fmt="^", ms=4, color="tab:green", alpha=0.8,
-                                label=f"hybrids {tag}" if k == 0 else None)
-                xs, ms, ss = _mean_curve([_curve(a, "assemble") for a in asm])
-                ax.plot(xs, ms, marker="o", ms=3, color="tab:blue", label=f"assembled {tag} (n={len(asm)})")
-                ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
-                                color="tab:blue", alpha=0.2)
+                    m, sd = mean_std([p[2] for p in pts])
+                    ax.errorbar([sum(p[0] for p in pts) / len(pts)], [m], yerr=[sd], fmt="^", ms=4, color="tab:green",
+                                alpha=0.8, label="hybrids (after incubation)" if k == 0 else None)
+                _band(ax, _mean_curve([_curve(a, "assemble") for a in asm]), "tab:blue",
+                      f"assembled, fine-tuned (n={len(asm)})")
         ax.set(title=f"{study.panel} {pv}", xlabel="cumulative device-hours (wall x ranks)", ylabel="test top-1 %")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     files.append(save_figure(fig, out / "top1_vs_device_hours.png"))
 
-    numeric = all(_is_number(v) for v in panels)
-    if numeric:
+    if all(_is_number(v) for v in panels):
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        for path, style in (("assembled", dict(color="tab:blue", marker="o")), ("E2E", dict(color="tab:red", marker="s"))):
-            for variant in list(dict.fromkeys(tuple(r[a] for a in others) for r in rows if r["path"] == path)):
+        for path, color, marker in (("assembled", "tab:blue", "o"), ("E2E", "tab:red", "s")):
+            for v in variants:
                 pts = sorted((float(r[study.panel]), r["top1"]) for r in rows
-                             if r["path"] == path and tuple(r[a] for a in others) == variant)
-                label = f"{path} {' '.join(variant)}".strip()
-                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], capsize=3,
-                            label=label, **style)
-                style = dict(style, alpha=0.5, marker="x")
+                             if r["path"] == path and tuple(r[a] for a in others) == v)
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], capsize=3,
+                                marker=marker, color=e2e_colors[v] if path == "E2E" else color,
+                                label=f"{path} {name(v)}".strip())
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({float(v) for v in panels}), [str(v) for v in sorted(panels, key=float)])
         ax.set(xlabel=study.panel, ylabel="test top-1 % (last epoch), mean ± std", title=f"top-1 vs {study.panel}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
