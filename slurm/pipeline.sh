@@ -26,6 +26,10 @@ done
 if [ $nodes_set = 1 ] && ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then
   echo "slurm/pipeline.sh: --farm-nodes '$nodes' is not a number of nodes (e.g. --farm-nodes 2)" >&2; exit 2
 fi
+if [ $nodes_set = 1 ] && [ "$mode" = array ]; then
+  echo "slurm/pipeline.sh: --array and --farm-nodes $nodes are alternatives (one job per module, or one farm job over" \
+       "N nodes): give one of them" >&2; exit 2
+fi
 py=${MODASM_VENV:-.venv}/bin/python
 farm=()  # a farm over N nodes must fit the recipe (N <= K, groups a multiple of N): checked before anything runs
 [ "$mode" = farm ] && [ -n "$nodes" ] && farm=(--farm-nodes "$nodes")

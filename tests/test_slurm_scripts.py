@@ -154,6 +154,19 @@ def test_pipeline_sh_refuses_more_farm_nodes_than_modules_before_submitting(tmp_
     assert "incubate.groups=1 does not split over the farm's 2 launches" in res.stderr, res.stderr
 
 
+def test_pipeline_sh_refuses_array_with_farm_nodes(tmp_path):
+    """`--array` (one job per module) and `--farm-nodes N` (one farm job over N nodes) are alternatives: given both,
+    pipeline.sh used to drop --farm-nodes without a word. It says so and submits nothing."""
+    env, log = fake_slurm(tmp_path)
+    for args in (["--array", "--farm-nodes", "2"], ["--farm-nodes", "2", "--array"]):
+        res = pipeline(env, *args, str(TINY), f"run.out_dir={tmp_path}")
+        assert res.returncode == 2 and not calls(log, "sbatch"), res.stdout + res.stderr
+        assert "--array and --farm-nodes 2 are alternatives" in res.stderr, res.stderr
+    res = pipeline(env, "--array", str(TINY), f"run.out_dir={tmp_path}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert any("--array=0-1" in c for c in calls(log, "sbatch")), calls(log, "sbatch")
+
+
 @pytest.mark.parametrize("nodes", ["0", "two"])
 def test_pipeline_sh_refuses_a_bad_node_count(tmp_path, nodes):
     env, log = fake_slurm(tmp_path)
