@@ -37,7 +37,8 @@ def main(run) -> None:
     from . import dist
     from .train import note_failure, request_stop
     # A preemption notice or the time limit (SIGUSR1 from sbatch --signal, SIGTERM from scancel, preemption and
-    # torchrun, which forwards it): checkpoint at the next optimizer step and exit. A second SIGTERM kills.
+    # torchrun, which forwards it): checkpoint at the next optimizer step and exit. Repeats change nothing
+    # (request_stop); a hard stop is SIGKILL.
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     # Past a file size limit (ulimit -f) a write fails (EFBIG) and is reported like a full disk, instead of the
