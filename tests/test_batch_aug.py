@@ -192,9 +192,8 @@ def test_to_device_batched_equals_per_sample(tmp_path, backend):
 def test_batched_ops_do_not_grow_with_the_batch(jpegs):
     """The kernels the batched path launches (torch.profiler's aten ops that compute: no views, no allocations) do
     not depend on how many images share the plans' op kinds: the same batch twice over launches as many, plus one
-    noise draw per erased box; image by image, every image adds its own. Counted after a warm-up call, as bench_aug.py
-    does: what a first call builds once (cached constants) depends on what ran before in the process. (The per-image
-    figures: bench_aug.py.)"""
+    noise draw per erased box; image by image, every image adds its own. (count_ops counts after a warm-up call.) (The
+    per-image figures: bench_aug.py.)"""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_aug import count_ops
     tf, _ = image_transforms(AugConfig(**{**DEIT.__dict__, "re_prob": 0.5}), 64, "nvjpeg")
@@ -202,7 +201,6 @@ def test_batched_ops_do_not_grow_with_the_batch(jpegs):
     planner = tf.planner.transform
 
     def run(imgs, plans, fn):
-        fn(imgs, plans)  # warm-up: a first call also builds the cached constants (tensor_aug.const), once per process
         return count_ops(lambda: fn(imgs, plans), CPU)["compute"]
 
     def batched(imgs, plans):
